@@ -1,0 +1,118 @@
+"""Saving and loading: a directory with ``manifest.json`` and ``state.msgpack``, written atomically.
+
+* ``manifest.json``: format version, package/jax/flax versions, the :class:`~scar_jax.vae.SCARConfig`,
+  the AnnData setup, gene names, training history and split, seed;
+* ``state.msgpack``: ``flax.serialization.to_bytes`` of the train state (parameters, batch-norm
+  running statistics, optimizer state, step and key data) and the ambient profile.
+
+The directory is first written under a temporary name beside the target and then renamed, so an
+interrupted save never leaves a half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import flax
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE = "state.msgpack"
+ADATA = "adata.h5ad"
+
+
+def file_names(prefix: str | None) -> tuple[str, str, str]:
+    p = prefix or ""
+    return p + MANIFEST, p + STATE, p + ADATA
+
+
+def state_to_bytes(state: Any, ambient_profile: np.ndarray) -> bytes:
+    """Serialise a train state (its typed key stored as raw key data) and the ambient profile."""
+    state = state.replace(key=jax.random.key_data(state.key))
+    return flax.serialization.to_bytes({"state": state, "ambient_profile": np.asarray(ambient_profile)})
+
+
+def state_from_bytes(template: Any, ambient_template: np.ndarray, data: bytes) -> tuple[Any, jax.Array]:
+    """Inverse of :func:`state_to_bytes`, given a template state of the same structure."""
+    target = {"state": template.replace(key=jax.random.key_data(template.key)), "ambient_profile": ambient_template}
+    restored = flax.serialization.from_bytes(target, data)
+    state = jax.tree.map(jnp.asarray, restored["state"])  # numpy leaves would compile the step a second time
+    return state.replace(key=jax.random.wrap_key_data(state.key)), jnp.asarray(restored["ambient_profile"])
+
+
+def write_model_dir(
+    dir_path: str | os.PathLike,
+    manifest: dict[str, Any],
+    state_bytes: bytes,
+    *,
+    prefix: str | None = None,
+    overwrite: bool = False,
+    adata: Any = None,
+) -> None:
+    """Write the model directory atomically (temporary directory, then rename)."""
+    target = Path(dir_path)
+    if target.exists() and not overwrite:
+        raise ValueError(f"{target} already exists; pass overwrite=True to replace it, or choose another dir_path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    manifest_name, state_name, adata_name = file_names(prefix)
+    manifest = {
+        **manifest,
+        "format_version": FORMAT_VERSION,
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        if target.exists():  # keep the other files of an existing directory (e.g. other prefixes)
+            shutil.copytree(target, tmp, dirs_exist_ok=True)
+        (tmp / state_name).write_bytes(state_bytes)
+        if adata is not None:
+            adata.write_h5ad(tmp / adata_name)
+        (tmp / manifest_name).write_text(json.dumps(manifest, indent=1))
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_model_dir(dir_path: str | os.PathLike, prefix: str | None = None) -> tuple[dict[str, Any], bytes, Path]:
+    """Read and check a model directory; returns the manifest, the state bytes and the AnnData path."""
+    from . import __version__
+
+    path = Path(dir_path)
+    manifest_name, state_name, adata_name = file_names(prefix)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory saved by SCAR.save")
+    if not (path / manifest_name).is_file() or not (path / state_name).is_file():
+        if (path / f"{prefix or ''}model.pt").is_file():
+            raise ValueError(
+                f"{path} holds a scvi-tools (PyTorch) save, not a scar-jax one; "
+                "convert it with SCAR.convert_legacy_save or load it with SCAR.from_scvi_tools"
+            )
+        raise ValueError(f"{path} lacks {manifest_name} or {state_name}: not a scar-jax model directory")
+    try:
+        manifest = json.loads((path / manifest_name).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path / manifest_name} is corrupted ({err}); save the model again") from err
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} uses save format {version!r}, newer than this scar-jax ({__version__}, format "
+            f"{FORMAT_VERSION}) reads; upgrade scar-jax"
+        )
+    return manifest, (path / state_name).read_bytes(), path / adata_name

@@ -1,0 +1,472 @@
+"""``SCAR``: the scvi-tools ``scvi.external.SCAR`` API over the functional core.
+
+The class validates AnnData, moves arrays, loops over chunks and assembles results; every formula is
+in :mod:`scar_jax.vae`, :mod:`scar_jax.likelihoods` and :mod:`scar_jax.posterior`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Literal
+
+import anndata
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from . import data as _data
+from . import io as _io
+from . import posterior as _post
+from . import train as _train
+from .counts import to_device
+from .vae import SCARConfig, init_variables
+
+PLAN_KWARGS = {"lr", "weight_decay", "eps", "n_epochs_kl_warmup", "max_kl_weight", "min_kl_weight", "optimizer"}
+TRAINER_KWARGS = {
+    "early_stopping_monitor",
+    "early_stopping_patience",
+    "early_stopping_min_delta",
+    "enable_progress_bar",
+}
+
+
+def _select_device(accelerator: str, devices: int | str | list[int]) -> jax.Device:
+    """The XLA device to train on, from scvi-tools' ``accelerator``/``devices`` arguments."""
+    platform = {"auto": None, "cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(str(accelerator).lower(), "")
+    if platform == "":
+        raise ValueError(f"accelerator must be 'auto', 'cpu', 'gpu' or 'tpu', got {accelerator!r}")
+    try:
+        available = jax.devices(platform)
+    except RuntimeError as err:
+        raise ValueError(f"accelerator={accelerator!r}: no such device here ({err})") from err
+    if devices in ("auto", -1, "-1", None):
+        return available[0]
+    index = devices[0] if isinstance(devices, list | tuple) else int(devices)
+    if not 0 <= index < len(available):
+        raise ValueError(f"devices={devices!r}: only {len(available)} {available[0].platform} device(s)")
+    return available[index]
+
+
+class SCAR:
+    """Ambient RNA removal (scAR, Sheng et al. 2022) in JAX, with the ``scvi.external.SCAR`` API.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`, raw counts ``(n_cells, n_genes)``.
+    ambient_profile
+        ``None`` (mean profile of the cells), a key of ``adata.varm``/``adata.var``, an array
+        ``(n_genes,)``/``(n_genes, n_batches)`` or a DataFrame indexed by gene. Normalised to sum 1
+        with a warning if it does not.
+    n_hidden, n_latent, n_layers, dropout_rate, gene_likelihood, latent_distribution, scale_activation, sparsity
+        As in scvi-tools (defaults 150, 15, 2, 0.0, ``"b"``, ``"normal"``, ``"softplus_sp"``, 0.9).
+    seed
+        Seed of every random draw of this model (initialisation, split, minibatches, sampling).
+    """
+
+    def __init__(
+        self,
+        adata: anndata.AnnData,
+        ambient_profile: Any = None,
+        n_hidden: int = 150,
+        n_latent: int = 15,
+        n_layers: int = 2,
+        dropout_rate: float = 0.0,
+        gene_likelihood: Literal["zinb", "nb", "b", "poisson"] = "b",
+        latent_distribution: Literal["normal", "ln"] = "normal",
+        scale_activation: Literal["softmax", "softplus", "softplus_sp"] = "softplus_sp",
+        sparsity: float = 0.9,
+        *,
+        seed: int = 0,
+        **model_kwargs: Any,
+    ) -> None:
+        if model_kwargs:
+            raise TypeError(f"SCAR() got unknown keyword arguments {sorted(model_kwargs)}")
+        self.spec = _data.read_spec(adata)
+        self.config = SCARConfig(
+            n_genes=adata.n_vars,
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            gene_likelihood=gene_likelihood,
+            latent_distribution=latent_distribution,
+            scale_activation=scale_activation,
+            sparsity=sparsity,
+        )
+        self.adata = adata
+        self.var_names = np.asarray(adata.var_names).astype(str)
+        cells = _data.read_cells(adata, self.spec, gene_likelihood)
+        self.ambient_profile = _data.resolve_ambient_profile(adata, ambient_profile, self.spec, cells.x)
+        self.seed = int(seed)
+        root = jax.random.key(self.seed)
+        init_key, self._train_key, self._predict_key = jax.random.split(root, 3)
+        self._net = self.config.make_net()
+        self._variables = init_variables(self._net, init_key, self.config.n_genes)
+        self._state: _train.TrainState | None = None
+        self.is_trained = False
+        self.history_rows: list[dict[str, float]] = []
+        self.train_indices = self.validation_indices = self.test_indices = np.zeros(0, np.int64)
+        self.training_time_s = 0.0
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: anndata.AnnData,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        layer: str | None = None,
+        size_factor_key: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Validate ``adata`` and record the setup in ``adata.uns["_scar_jax"]`` (the only field written).
+
+        Unlike scvi-tools, no ``obs`` columns are added and ``X`` is not copied.
+        """
+        if kwargs:
+            raise TypeError(f"setup_anndata() got unknown keyword arguments {sorted(kwargs)}")
+        _data.setup_anndata(adata, batch_key, labels_key, layer, size_factor_key)
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        load_sparse_tensor: bool = False,
+        batch_size: int = 128,
+        early_stopping: bool = False,
+        datasplitter_kwargs: dict | None = None,
+        plan_config: dict | None = None,
+        plan_kwargs: dict | None = None,
+        datamodule: Any = None,
+        trainer_config: dict | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Train the model (scvi-tools arguments and defaults).
+
+        ``max_epochs=None`` uses ``min(round(20000 / n_cells * 400), 400)``. ``plan_kwargs`` accepts
+        ``lr`` (1e-3), ``weight_decay`` (1e-6), ``eps`` (0.01), ``n_epochs_kl_warmup`` (400),
+        ``max_kl_weight`` (1), ``min_kl_weight`` (0). Extra keywords: ``early_stopping_monitor``
+        (``"elbo_validation"``), ``early_stopping_patience`` (45), ``early_stopping_min_delta`` (0),
+        ``enable_progress_bar`` (True). Training data stay on the device, and each epoch is one
+        compiled call; ``load_sparse_tensor`` is accepted for compatibility (sparse input is always
+        kept sparse on the device and densified per minibatch). Training again continues from the
+        current weights with a fresh optimizer, as in scvi-tools.
+        """
+        if datamodule is not None:
+            raise ValueError("datamodule is not supported: scar-jax trains from the AnnData given to SCAR()")
+        plan = {**(plan_config or {}), **(plan_kwargs or {})}
+        trainer = {**(trainer_config or {}), **trainer_kwargs}
+        for name, given, allowed in (("plan_kwargs", plan, PLAN_KWARGS), ("trainer keywords", trainer, TRAINER_KWARGS)):
+            unknown = set(given) - allowed
+            if unknown:
+                raise TypeError(f"train(): unsupported {name} {sorted(unknown)}; supported: {sorted(allowed)}")
+        if str(plan.get("optimizer", "Adam")) != "Adam":
+            raise ValueError("plan_kwargs['optimizer'] must be 'Adam' (the only optimizer scvi-tools SCAR uses)")
+        split = {"train_size": train_size, "validation_size": validation_size, **(datasplitter_kwargs or {})}
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        n_cells = self.adata.n_obs
+        if max_epochs is None:
+            max_epochs = _train.max_epochs_heuristic(n_cells)
+        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int | np.integer) or max_epochs < 1:
+            raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
+        device = _select_device(accelerator, devices)
+        train_idx, val_idx, test_idx = _train.split_indices(
+            n_cells, split["train_size"], split["validation_size"], shuffle_set_split, batch_size, self.seed
+        )
+        cells = _data.read_cells(self.adata, self.spec, self.config.gene_likelihood)
+        resident = _train.CellData(
+            to_device(cells.x, device),
+            jax.device_put(cells.library, device),
+            jax.device_put(cells.batch_index, device),
+        )
+        tx = _train.make_optimizer(plan.get("lr", 1e-3), plan.get("eps", 0.01), plan.get("weight_decay", 1e-6))
+        state = _train.init_train_state(jax.device_put(self._variables, device), tx, self._train_key)
+        stopper = None
+        if early_stopping:
+            stopper = _train.EarlyStopping(
+                trainer.get("early_stopping_monitor", "elbo_validation"),
+                int(trainer.get("early_stopping_patience", 45)),
+                float(trainer.get("early_stopping_min_delta", 0.0)),
+            )
+        start = time.perf_counter()
+        state, rows = _train.fit(
+            _train.make_train_epoch(self._net, self.config, tx, int(batch_size)),
+            _train.make_evaluate(self._net, self.config, int(batch_size)),
+            state,
+            resident,
+            jax.device_put(jnp.asarray(train_idx, jnp.int32), device),
+            jax.device_put(jnp.asarray(val_idx, jnp.int32), device),
+            jax.device_put(jnp.asarray(self.ambient_profile), device),
+            max_epochs=int(max_epochs),
+            n_epochs_kl_warmup=plan.get("n_epochs_kl_warmup", 400),
+            max_kl_weight=float(plan.get("max_kl_weight", 1.0)),
+            min_kl_weight=float(plan.get("min_kl_weight", 0.0)),
+            early_stopping=stopper,
+            progress_bar=bool(trainer.get("enable_progress_bar", True)),
+        )
+        jax.block_until_ready(state.params)
+        self.training_time_s = time.perf_counter() - start
+        self._state, self._variables = state, state.variables
+        self.history_rows = rows
+        self.train_indices, self.validation_indices, self.test_indices = train_idx, val_idx, test_idx
+        self.is_trained = True
+
+    @property
+    def history(self) -> dict[str, pd.DataFrame]:
+        """Per-epoch metrics, one DataFrame per name (scvi-tools names; ``elbo_*`` is the negative ELBO)."""
+        if not self.history_rows:
+            return {}
+        frame = pd.DataFrame(self.history_rows).set_index("epoch")
+        return {name: frame[[name]] for name in frame.columns}
+
+    # ------------------------------------------------------------------ inference helpers
+    def _cells(self, adata: anndata.AnnData | None, indices: Any) -> tuple[_post.HostCells, np.ndarray]:
+        if not self.is_trained:
+            raise RuntimeError("the model is not trained yet; call model.train() first")
+        adata = self.adata if adata is None else adata
+        if adata is not self.adata:
+            _data.check_genes(adata, self.var_names)
+        cells = _data.read_cells(adata, self.spec, self.config.gene_likelihood)
+        if indices is None:
+            rows = np.arange(adata.n_obs)
+        else:
+            rows = np.asarray(indices)
+            if rows.dtype == bool:
+                rows = np.flatnonzero(rows)
+            if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
+                raise ValueError("indices must be a non-empty 1-d sequence of integer cell positions")
+            if rows.min() < -adata.n_obs or rows.max() >= adata.n_obs:
+                raise ValueError(f"indices out of range for {adata.n_obs} cells")
+            rows = rows % adata.n_obs
+        return cells, rows
+
+    def _map(self, fn, adata, indices, batch_size, seed: int = 0) -> list[np.ndarray]:
+        cells, rows = self._cells(adata, indices)
+        key = jax.random.fold_in(self._predict_key, seed)
+        return _post.map_chunks(fn, cells, rows, batch_size or 1024, key)
+
+    # ------------------------------------------------------------------ latent space
+    def get_latent_representation(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+        dataloader: Any = None,
+        *,
+        seed: int = 0,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Latent representation ``(n_cells, n_latent)`` (evaluation mode).
+
+        ``return_dist``: the mean and variance of q(z | x). Otherwise, for ``latent_distribution="ln"``
+        the Monte Carlo mean of softmax(z) over ``mc_samples`` draws (``give_mean=True``) or one draw of
+        softmax(z); for ``"normal"`` the mean (``give_mean=True``) or one draw of z.
+        """
+        if dataloader is not None:
+            raise ValueError("dataloader is not supported; pass adata and indices")
+        cfg, v = self.config, self._variables
+
+        def latent(batch, keys):
+            if return_dist:
+                return _post.encode(cfg, v, batch.x)
+            if cfg.latent_distribution == "ln":
+                return _post.logistic_normal_mean(cfg, v, batch.x, keys, mc_samples if give_mean else 1)
+            z_mean, z_var = _post.encode(cfg, v, batch.x)
+            if give_mean:
+                return z_mean
+            return z_mean + jnp.sqrt(z_var) * jax.vmap(lambda k: jax.random.normal(k, (cfg.n_latent,)))(keys)
+
+        out = self._map(latent, adata, indices, batch_size, seed)
+        return (out[0], out[1]) if return_dist else out[0]
+
+    # ------------------------------------------------------------------ ELBO
+    def _elbo_terms(self, adata, indices, batch_size, seed) -> tuple[np.ndarray, np.ndarray]:
+        cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
+        rec, kl = self._map(lambda b, k: _post.elbo_terms(cfg, v, b, ambient, k), adata, indices, batch_size, seed)
+        return rec, kl
+
+    def get_elbo(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        batch_size: int | None = None,
+        dataloader: Any = None,
+        return_mean: bool = True,
+        data_loader_kwargs: dict | None = None,
+        *,
+        seed: int = 0,
+    ) -> float | np.ndarray:
+        """Evidence lower bound per cell, ``-(reconstruction NLL + KL)`` with one z draw; higher is better."""
+        if dataloader is not None:
+            raise ValueError("dataloader is not supported; pass adata and indices")
+        rec, kl = self._elbo_terms(adata, indices, batch_size, seed)
+        elbo = -(rec + kl)
+        return float(elbo.mean()) if return_mean else elbo
+
+    def get_reconstruction_error(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        batch_size: int | None = None,
+        dataloader: Any = None,
+        return_mean: bool = True,
+        data_loader_kwargs: dict | None = None,
+        *,
+        seed: int = 0,
+    ) -> dict[str, float | np.ndarray]:
+        """``{"reconstruction_loss": log p(x | z)}`` per cell (one z draw), higher is better, as scvi-tools."""
+        if dataloader is not None:
+            raise ValueError("dataloader is not supported; pass adata and indices")
+        rec, _ = self._elbo_terms(adata, indices, batch_size, seed)
+        return {"reconstruction_loss": float(-rec.mean()) if return_mean else -rec}
+
+    # ------------------------------------------------------------------ denoising
+    def get_noise_ratio(
+        self, adata: anndata.AnnData | None = None, indices: Any = None, batch_size: int | None = None
+    ) -> np.ndarray:
+        """Noise ratio (ambient fraction of each cell's counts) at the posterior mean of z, ``(n_cells,)``."""
+        return self._decode_at_mean(adata, indices, batch_size)[1][:, 0]
+
+    def get_native_frequencies(
+        self, adata: anndata.AnnData | None = None, indices: Any = None, batch_size: int | None = None
+    ) -> np.ndarray:
+        """Native expression frequencies ``phi`` at the posterior mean of z, ``(n_cells, n_genes)``."""
+        return self._decode_at_mean(adata, indices, batch_size)[0]
+
+    def _decode_at_mean(self, adata, indices, batch_size) -> list[np.ndarray]:
+        cfg, v = self.config, self._variables
+        return self._map(lambda b, k: _post.decode_at_mean(cfg, v, b.x), adata, indices, batch_size)
+
+    def get_denoised_counts(
+        self,
+        adata: anndata.AnnData | None = None,
+        n_samples: int = 1,
+        batch_size: int | None = None,
+        *,
+        indices: Any = None,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Denoised counts ``(n_cells, n_genes)``, the scvi-tools reference semantics.
+
+        For each draw of z: the expected native counts ``library * (1 - noise_ratio) * phi``, rounded
+        stochastically (``floor + Bernoulli(fraction)``); with ``n_samples > 1`` the median over draws.
+        Note that this expectation can exceed the observed counts (and be positive where the observed
+        count is 0). Seeded by ``seed``.
+        """
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        cfg, v = self.config, self._variables
+        fn = lambda b, k: _post.denoised_counts_expected(cfg, v, b, int(n_samples), k)  # noqa: E731
+        return self._map(fn, adata, indices, batch_size, seed)[0]
+
+    # ------------------------------------------------------------------ persistence
+    def save(
+        self,
+        dir_path: str,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        save_kwargs: dict | None = None,
+        **anndata_write_kwargs: Any,
+    ) -> None:
+        """Save the model (atomically) to ``dir_path``; with ``save_anndata`` also the AnnData."""
+        from . import __version__
+
+        state = self._state
+        if state is None:  # untrained: a state with a fresh optimizer keeps one file format
+            tx = _train.make_optimizer()
+            state = _train.init_train_state(self._variables, tx, self._train_key)
+        manifest = {
+            "scar_jax_version": __version__,
+            "config": dataclasses.asdict(self.config),
+            "spec": self.spec.to_dict(),
+            "var_names": self.var_names.tolist(),
+            "seed": self.seed,
+            "ambient_profile_shape": list(self.ambient_profile.shape),
+            "is_trained": self.is_trained,
+            "history": self.history_rows,
+            "training_time_s": self.training_time_s,
+            "split": {
+                "train": self.train_indices.tolist(),
+                "validation": self.validation_indices.tolist(),
+                "test": self.test_indices.tolist(),
+            },
+        }
+        _io.write_model_dir(
+            dir_path,
+            manifest,
+            _io.state_to_bytes(state, self.ambient_profile),
+            prefix=prefix,
+            overwrite=overwrite,
+            adata=self.adata if save_anndata else None,
+        )
+
+    @classmethod
+    def load(
+        cls, dir_path: str, adata: anndata.AnnData | None = None, prefix: str | None = None, **kwargs: Any
+    ) -> SCAR:
+        """Load a model saved by :meth:`save`; ``adata`` must have the same genes in the same order."""
+        if kwargs:
+            raise TypeError(f"load() got unknown keyword arguments {sorted(kwargs)}")
+        manifest, state_bytes, adata_path = _io.read_model_dir(dir_path, prefix)
+        if adata is None:
+            if not adata_path.is_file():
+                raise ValueError(f"{dir_path} was saved without its AnnData; pass adata=... to SCAR.load")
+            adata = anndata.read_h5ad(adata_path)
+        _data.check_genes(adata, np.asarray(manifest["var_names"]))
+        spec = _data.AnnDataSpec.from_dict(manifest["spec"])
+        adata_setup = adata.uns.get(_data.UNS_KEY)
+        if adata_setup is None:
+            _data.setup_anndata(adata, spec.batch_key, spec.labels_key, spec.layer, spec.size_factor_key)
+        config = SCARConfig(**manifest["config"])
+        model = cls.__new__(cls)
+        model.spec, model.config, model.adata = spec, config, adata
+        model.var_names = np.asarray(manifest["var_names"]).astype(str)
+        model.seed = int(manifest["seed"])
+        init_key, model._train_key, model._predict_key = jax.random.split(jax.random.key(model.seed), 3)
+        model._net = config.make_net()
+        template_vars = init_variables(model._net, init_key, config.n_genes)
+        template = _train.init_train_state(template_vars, _train.make_optimizer(), model._train_key)
+        ambient_template = np.zeros(tuple(manifest["ambient_profile_shape"]), np.float32)
+        try:
+            state, ambient = _io.state_from_bytes(template, ambient_template, state_bytes)
+        except Exception as err:  # msgpack errors come in many types
+            raise ValueError(
+                f"{dir_path}: the saved state cannot be read ({err}); the file is truncated or corrupted"
+            ) from err
+        model._state = state if manifest["is_trained"] else None
+        model._variables = state.variables
+        model.ambient_profile = np.asarray(ambient, np.float32)
+        model.is_trained = bool(manifest["is_trained"])
+        model.history_rows = manifest["history"]
+        model.training_time_s = float(manifest.get("training_time_s", 0.0))
+        split = manifest["split"]
+        model.train_indices = np.asarray(split["train"], np.int64)
+        model.validation_indices = np.asarray(split["validation"], np.int64)
+        model.test_indices = np.asarray(split["test"], np.int64)
+        return model
+
+    # ------------------------------------------------------------------ display
+    @property
+    def summary_string(self) -> str:
+        c = self.config
+        return (
+            f"SCAR model with n_hidden: {c.n_hidden}, n_latent: {c.n_latent}, n_layers: {c.n_layers}, "
+            f"dropout_rate: {c.dropout_rate}, gene_likelihood: {c.gene_likelihood}, "
+            f"latent_distribution: {c.latent_distribution}, scale_activation: {c.scale_activation}, "
+            f"sparsity: {c.sparsity}\nTraining status: {'Trained' if self.is_trained else 'Not Trained'}"
+        )
+
+    def __repr__(self) -> str:
+        return self.summary_string

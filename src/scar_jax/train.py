@@ -1,0 +1,299 @@
+"""Training: the train state, the optimizer, one compiled epoch, and the host-side fit loop.
+
+Choices (each matches scvi-tools' SCAR training unless said otherwise):
+
+* optimizer ``torch.optim.Adam(lr=1e-3, eps=0.01, weight_decay=1e-6)``: L2 enters the gradient
+  *before* Adam (``optax.add_decayed_weights`` then ``optax.adam``), not decoupled AdamW;
+* KL warm-up linear in the epoch over ``n_epochs_kl_warmup=400`` epochs, from ``min_kl_weight`` to
+  ``max_kl_weight``;
+* a whole epoch runs in one donated ``jax.jit`` call: shuffling, minibatch densification and every
+  optimizer step (``lax.scan``) stay on the device; Python only sees per-epoch sums;
+* every random key derives from ``(state.key, state.step)``, so a resumed run equals an uninterrupted
+  one, and the last partial minibatch is trained (as scvi-tools' ``drop_last=False``) in a second step
+  of fixed shape inside the same compiled call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .counts import DenseCounts, EllCounts
+from .nets import SCARNet
+from .vae import Batch, SCARConfig, loss_terms
+
+Counts = DenseCounts | EllCounts
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything that changes during training; returned, never mutated."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict[str, Any]
+    batch_stats: dict[str, Any]
+    opt_state: optax.OptState
+    key: jax.Array  # typed key; never split in place: keys are fold_in(key, step)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+class CellData(NamedTuple):
+    """Device-resident training data: counts plus per-cell library ``(n, 1)`` and batch index ``(n,)``."""
+
+    counts: Counts
+    library: jax.Array
+    batch_index: jax.Array
+
+    def batch(self, rows: jax.Array) -> Batch:
+        return Batch(self.counts.take(rows), self.library[rows], self.batch_index[rows])
+
+
+class EpochSums(NamedTuple):
+    """Sums over the cells of one epoch (divide by ``n_cells`` for means)."""
+
+    loss: jax.Array  # sum over minibatches of (minibatch loss x minibatch size)
+    reconstruction_loss: jax.Array
+    kl_local: jax.Array
+    n_cells: jax.Array
+
+
+def make_optimizer(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6) -> optax.GradientTransformation:
+    """``torch.optim.Adam(lr, eps=eps, weight_decay=weight_decay)``: L2 added to the gradient before Adam."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate=lr, eps=eps))
+
+
+def kl_weight_schedule(
+    epoch: int, n_epochs_kl_warmup: int | None = 400, max_kl_weight: float = 1.0, min_kl_weight: float = 0.0
+) -> float:
+    """scvi-tools' KL warm-up: ``min + (max - min) * epoch / n_epochs_kl_warmup`` before the end, then ``max``."""
+    if n_epochs_kl_warmup is None or n_epochs_kl_warmup <= 0 or epoch >= n_epochs_kl_warmup:
+        return float(max_kl_weight)
+    return float(min_kl_weight + (max_kl_weight - min_kl_weight) * epoch / n_epochs_kl_warmup)
+
+
+def max_epochs_heuristic(n_cells: int, epochs_cap: int = 400, decay_at_n_obs: int = 20000) -> int:
+    """scvi-tools' default epoch count: ``min(round(20000 / n_cells * 400), 400)``, at least 1."""
+    return max(1, int(min(round(decay_at_n_obs / n_cells * epochs_cap), epochs_cap)))
+
+
+def split_indices(
+    n_cells: int,
+    train_size: float | None = 0.9,
+    validation_size: float | None = None,
+    shuffle_set_split: bool = True,
+    batch_size: int | None = 128,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train / validation / test cell indices, as scvi-tools' ``DataSplitter`` makes them.
+
+    ``n_train = ceil(train_size * n)``; ``n_val = n - n_train`` unless ``validation_size`` is given
+    (then ``floor(validation_size * n)``); a last training minibatch of fewer than 3 cells is moved to
+    validation (a BatchNorm layer cannot train on it). Validation cells come first in the permutation.
+    """
+    train_size = 0.9 if train_size is None else float(train_size)
+    if not 0.0 < train_size <= 1.0:
+        raise ValueError(f"train_size must be in (0, 1], got {train_size}")
+    n_train = math.ceil(train_size * n_cells)
+    if validation_size is None:
+        n_val = n_cells - n_train
+    else:
+        if not 0.0 <= validation_size < 1.0 or train_size + validation_size > 1.0 + 1e-12:
+            raise ValueError(
+                f"validation_size must be in [0, 1) with train_size + validation_size <= 1, got {validation_size}"
+            )
+        n_val = math.floor(validation_size * n_cells)
+    if batch_size is not None and 0 < n_train % batch_size < 3:
+        n_val += n_train % batch_size
+        n_train -= n_train % batch_size
+    if n_train < 3:
+        raise ValueError(
+            f"only {n_train} training cells: need at least 3 (and a batch_size no larger than the data); "
+            "use more cells or a larger train_size"
+        )
+    order = np.random.default_rng(seed).permutation(n_cells) if shuffle_set_split else np.arange(n_cells)
+    return np.sort(order[n_val : n_val + n_train]), np.sort(order[:n_val]), np.sort(order[n_val + n_train :])
+
+
+def init_train_state(variables: dict[str, Any], tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        key=key,
+    )
+
+
+def make_train_step(
+    net: SCARNet, config: SCARConfig, tx: optax.GradientTransformation
+) -> Callable[..., tuple[TrainState, EpochSums]]:
+    """One optimizer step on one minibatch: ``(state, batch, ambient_profile, kl_weight) -> (state, sums)``."""
+
+    def train_step(state: TrainState, batch: Batch, ambient_profile: jax.Array, kl_weight: jax.Array):
+        key = jax.random.fold_in(jax.random.fold_in(state.key, 0), state.step)
+
+        def objective(params):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            terms, batch_stats = loss_terms(net, config, variables, batch, ambient_profile, key, kl_weight, True)
+            return terms.loss, (terms, batch_stats)
+
+        (_, (terms, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        n = batch.x.shape[0]
+        sums = EpochSums(terms.loss * n, terms.reconstruction_loss.sum(), terms.kl_local.sum(), jnp.float32(n))
+        return state, sums
+
+    return train_step
+
+
+def make_train_epoch(
+    net: SCARNet, config: SCARConfig, tx: optax.GradientTransformation, batch_size: int
+) -> Callable[..., tuple[TrainState, EpochSums]]:
+    """A donated, jit-compiled epoch: ``(state, data, train_rows, ambient_profile, kl_weight)``.
+
+    The training rows are shuffled with a key from ``(state.key, state.step)``, cut into minibatches
+    of ``batch_size`` (plus one final partial minibatch of static size), and scanned.
+    """
+    train_step = make_train_step(net, config, tx)
+
+    @partial(jax.jit, donate_argnums=(0,))
+    def train_epoch(state: TrainState, data: CellData, train_rows: jax.Array, ambient_profile, kl_weight):
+        shuffle_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
+        rows = jax.random.permutation(shuffle_key, train_rows)
+        n_full = rows.shape[0] // batch_size
+        n_rest = rows.shape[0] - n_full * batch_size
+        total = EpochSums(*(jnp.float32(0.0) for _ in EpochSums._fields))
+
+        def body(state, minibatch_rows):
+            return train_step(state, data.batch(minibatch_rows), ambient_profile, kl_weight)
+
+        if n_full > 0:
+            state, sums = jax.lax.scan(body, state, rows[: n_full * batch_size].reshape(n_full, batch_size))
+            total = EpochSums(*(s.sum() for s in sums))
+        if n_rest > 0:
+            state, sums = body(state, rows[n_full * batch_size :])
+            total = EpochSums(*(a + b for a, b in zip(total, sums, strict=True)))
+        return state, total
+
+    return train_epoch
+
+
+def make_evaluate(net: SCARNet, config: SCARConfig, batch_size: int) -> Callable[..., EpochSums]:
+    """Jitted evaluation-mode sums over ``rows`` of resident data (validation), in minibatches."""
+
+    @jax.jit
+    def evaluate(variables, data: CellData, rows: jax.Array, ambient_profile, kl_weight, key):
+        n = rows.shape[0]
+        n_chunks = -(-n // batch_size)
+        padded = jnp.concatenate([rows, jnp.zeros(n_chunks * batch_size - n, rows.dtype)])
+        mask = (jnp.arange(n_chunks * batch_size) < n).reshape(n_chunks, batch_size)
+        cell_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(padded).reshape(n_chunks, batch_size)
+
+        def one(args):
+            chunk, keys, valid = args
+            batch = data.batch(chunk)
+            terms, _ = loss_terms(net, config, variables, batch, ambient_profile, keys, kl_weight, False)
+            rec = jnp.where(valid, terms.reconstruction_loss, 0.0)
+            kl = jnp.where(valid, terms.kl_local, 0.0)
+            return rec.sum(), kl.sum()
+
+        rec, kl = jax.lax.map(one, (padded.reshape(n_chunks, batch_size), cell_keys, mask))
+        rec, kl = rec.sum(), kl.sum()
+        return EpochSums(rec + kl_weight * kl, rec, kl, jnp.float32(n))
+
+    return evaluate
+
+
+class EarlyStopping(NamedTuple):
+    """scvi-tools' early-stopping defaults: monitor ``elbo_validation``, patience 45, min_delta 0, mode min."""
+
+    monitor: str = "elbo_validation"
+    patience: int = 45
+    min_delta: float = 0.0
+
+
+def epoch_metrics(sums: EpochSums, suffix: str) -> dict[str, float]:
+    """Per-epoch means with scvi-tools' history names (``elbo_*`` is the *negative* ELBO, lower is better)."""
+    n = float(sums.n_cells)
+    rec, kl = float(sums.reconstruction_loss) / n, float(sums.kl_local) / n
+    loss_name = "train_loss_epoch" if suffix == "train" else "validation_loss"
+    return {
+        loss_name: float(sums.loss) / n,
+        f"elbo_{suffix}": rec + kl,
+        f"reconstruction_loss_{suffix}": rec,
+        f"kl_local_{suffix}": kl,
+    }
+
+
+def fit(
+    train_epoch: Callable[..., tuple[TrainState, EpochSums]],
+    evaluate: Callable[..., EpochSums] | None,
+    state: TrainState,
+    data: CellData,
+    train_rows: jax.Array,
+    validation_rows: jax.Array | None,
+    ambient_profile: jax.Array,
+    *,
+    max_epochs: int,
+    first_epoch: int = 0,
+    n_epochs_kl_warmup: int | None = 400,
+    max_kl_weight: float = 1.0,
+    min_kl_weight: float = 0.0,
+    early_stopping: EarlyStopping | None = None,
+    progress_bar: bool = True,
+) -> tuple[TrainState, list[dict[str, float]]]:
+    """Run epochs ``first_epoch .. max_epochs - 1``; returns the final state and one metrics row per epoch.
+
+    Python touches the device once per epoch (to read the sums), never per minibatch.
+    """
+    from tqdm.auto import tqdm
+
+    rows_out: list[dict[str, float]] = []
+    best, since_best = math.inf, 0
+    epochs = tqdm(range(first_epoch, max_epochs), desc="Training", unit="epoch", disable=not progress_bar)
+    for epoch in epochs:
+        kl_weight = kl_weight_schedule(epoch, n_epochs_kl_warmup, max_kl_weight, min_kl_weight)
+        state, sums = train_epoch(state, data, train_rows, ambient_profile, jnp.float32(kl_weight))
+        row = {"epoch": epoch, "kl_weight": kl_weight, **epoch_metrics(sums, "train")}
+        if evaluate is not None and validation_rows is not None and validation_rows.shape[0] > 0:
+            eval_key = jax.random.fold_in(jax.random.fold_in(state.key, 2), epoch)
+            val = evaluate(state.variables, data, validation_rows, ambient_profile, jnp.float32(kl_weight), eval_key)
+            row.update(epoch_metrics(val, "validation"))
+        rows_out.append(row)
+        if not math.isfinite(row["train_loss_epoch"]):
+            raise FloatingPointError(
+                f"training loss became {row['train_loss_epoch']} at epoch {epoch}; check the input counts "
+                "and the ambient profile, or lower the learning rate (plan_kwargs={'lr': ...})"
+            )
+        epochs.set_postfix(loss=f"{row['train_loss_epoch']:.4g}", refresh=False)
+        if early_stopping is not None:
+            if early_stopping.monitor not in row:
+                raise ValueError(
+                    f"early_stopping_monitor {early_stopping.monitor!r} is not logged; "
+                    f"choose one of {sorted(k for k in row if k not in ('epoch', 'kl_weight'))}"
+                )
+            value = row[early_stopping.monitor]
+            if value < best - early_stopping.min_delta:
+                best, since_best = value, 0
+            else:
+                since_best += 1
+                if since_best >= early_stopping.patience:
+                    break
+    epochs.close()
+    return state, rows_out

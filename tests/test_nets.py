@@ -251,12 +251,8 @@ def test_dropout_only_in_training(variables):
     for a, b in zip(e_plain, e_drop, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     rngs = {"dropout": jax.random.key(1)}
-    (t_plain, _), _ = plain.apply(
-        variables, x, method="encode", train=True, rngs=rngs, mutable=["batch_stats"]
-    )
-    (t_drop, _), _ = dropped.apply(
-        variables, x, method="encode", train=True, rngs=rngs, mutable=["batch_stats"]
-    )
+    (t_plain, _), _ = plain.apply(variables, x, method="encode", train=True, rngs=rngs, mutable=["batch_stats"])
+    (t_drop, _), _ = dropped.apply(variables, x, method="encode", train=True, rngs=rngs, mutable=["batch_stats"])
     assert np.abs(np.asarray(t_plain) - np.asarray(t_drop)).max() > 1e-3
     (t_drop2, _), _ = dropped.apply(
         variables, x, method="encode", train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"]

@@ -72,8 +72,9 @@ def write_model_dir(
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        if target.exists():  # keep the other files of an existing directory (e.g. other prefixes)
-            shutil.copytree(target, tmp, dirs_exist_ok=True)
+        if target.exists():  # keep the files of other prefixes; drop this prefix's old ones
+            ours = {manifest_name, state_name, adata_name}
+            shutil.copytree(target, tmp, dirs_exist_ok=True, ignore=lambda _d, names: [n for n in names if n in ours])
         (tmp / state_name).write_bytes(state_bytes)
         if adata is not None:
             adata.write_h5ad(tmp / adata_name)
@@ -109,6 +110,8 @@ def read_model_dir(dir_path: str | os.PathLike, prefix: str | None = None) -> tu
         manifest = json.loads((path / manifest_name).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path / manifest_name} is corrupted ({err}); save the model again") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path / manifest_name} is not a scar-jax manifest (a JSON object); save the model again")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(

@@ -59,12 +59,18 @@ def pseudobulk_l1(
     can (or should) predict, so this measures how much contamination is removed from expression
     profiles. Returns ``l1_raw``, ``l1_denoised`` and ``l1_improvement = 1 - l1_denoised / l1_raw``.
     """
+    raw, denoised, native = _dense(raw), _dense(denoised), _dense(native)
+    if not raw.shape == denoised.shape == native.shape or len(groups) != raw.shape[0]:
+        raise ValueError(
+            f"shapes differ: raw {raw.shape}, denoised {denoised.shape}, native {native.shape}, groups {len(groups)}"
+        )
     codes, _ = pd_factorize(groups)
     indicator = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))))
-    sums = [indicator @ _dense(m) for m in (raw, denoised, native)]
+    sums = [indicator @ m for m in (raw, denoised, native)]
     l1_raw = float(np.abs(sums[0] - sums[2]).sum())
     l1_denoised = float(np.abs(sums[1] - sums[2]).sum())
-    return {"l1_raw": l1_raw, "l1_denoised": l1_denoised, "l1_improvement": 1.0 - l1_denoised / l1_raw}
+    improvement = 1.0 - l1_denoised / l1_raw if l1_raw > 0 else float("nan")
+    return {"l1_raw": l1_raw, "l1_denoised": l1_denoised, "l1_improvement": improvement}
 
 
 def pd_factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -188,8 +188,17 @@ class SCAR:
             jax.device_put(cells.library, device),
             jax.device_put(cells.batch_index, device),
         )
-        tx = _train.make_optimizer(plan.get("lr", 1e-3), plan.get("eps", 0.01), plan.get("weight_decay", 1e-6))
-        state = _train.init_train_state(jax.device_put(self._variables, device), tx, self._train_key)
+        tx, train_epoch, evaluate = _train.compiled_training(
+            self.config,
+            int(batch_size),
+            float(plan.get("lr", 1e-3)),
+            float(plan.get("eps", 0.01)),
+            float(plan.get("weight_decay", 1e-6)),
+        )
+        # The epoch donates its state: hand it copies so the model's own arrays and key stay valid.
+        variables = jax.tree.map(lambda a: jnp.array(a, copy=True), jax.device_put(self._variables, device))
+        key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(self._train_key), copy=True))
+        state = _train.init_train_state(variables, tx, key)
         stopper = None
         if early_stopping:
             stopper = _train.EarlyStopping(
@@ -199,8 +208,8 @@ class SCAR:
             )
         start = time.perf_counter()
         state, rows = _train.fit(
-            _train.make_train_epoch(self._net, self.config, tx, int(batch_size)),
-            _train.make_evaluate(self._net, self.config, int(batch_size)),
+            train_epoch,
+            evaluate,
             state,
             resident,
             jax.device_put(jnp.asarray(train_idx, jnp.int32), device),

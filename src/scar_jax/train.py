@@ -15,6 +15,7 @@ Choices (each matches scvi-tools' SCAR training unless said otherwise):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from functools import partial
@@ -218,6 +219,20 @@ def make_evaluate(net: SCARNet, config: SCARConfig, batch_size: int) -> Callable
         return EpochSums(rec + kl_weight * kl, rec, kl, jnp.float32(n))
 
     return evaluate
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_training(
+    config: SCARConfig, batch_size: int, lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6
+) -> tuple[optax.GradientTransformation, Callable[..., tuple[TrainState, EpochSums]], Callable[..., EpochSums]]:
+    """The optimizer, compiled epoch and compiled validation for a configuration, built once per process.
+
+    Models with the same configuration and training settings share compiled code, so training a second
+    model (or training again) does not compile again.
+    """
+    net = config.make_net()
+    tx = make_optimizer(lr, eps, weight_decay)
+    return tx, make_train_epoch(net, config, tx, batch_size), make_evaluate(net, config, batch_size)
 
 
 class EarlyStopping(NamedTuple):

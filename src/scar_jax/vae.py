@@ -17,6 +17,7 @@ the ambient profile) and ``jax.vmap`` apply directly. Static configuration is a 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -44,8 +45,9 @@ class SCARConfig:
     def __post_init__(self) -> None:
         for name in ("n_genes", "n_hidden", "n_latent", "n_layers"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy integers become plain ints (JSON, hashing)
         if not 0.0 <= float(self.dropout_rate) < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
         if self.gene_likelihood not in GENE_LIKELIHOODS:
@@ -127,6 +129,8 @@ def forward(
     active; in evaluation mode the running statistics are used. Returns the outputs and the (possibly
     updated) ``batch_stats`` collection.
     """
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        raise TypeError("key must be a typed key from jax.random.key(seed) (not the legacy jax.random.PRNGKey)")
     if key.ndim == 0:
         key, dropout_key = jax.random.split(key)
     else:

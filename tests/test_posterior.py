@@ -1,0 +1,292 @@
+"""Tests of evaluation-mode inference (``scar_jax.posterior`` through the ``SCAR`` methods).
+
+Oracles: the same quantity at other chunk sizes, NumPy/SciPy re-computations from the functional core
+(``scar_jax.vae.forward`` with the per-cell keys ``fold_in(fold_in(predict_key, seed), cell)``), and
+properties (ranges, sums, orderings).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.stats
+
+import scar_jax
+from scar_jax import posterior
+from scar_jax.datasets import simulate
+from scar_jax.vae import Batch, forward
+
+N_CELLS, N_GENES, N_LATENT = 200, 40, 4
+
+
+@pytest.fixture(scope="module")
+def adata():
+    ad = simulate(n_cells=N_CELLS, n_genes=N_GENES, seed=0)
+    scar_jax.SCAR.setup_anndata(ad)
+    return ad
+
+
+@pytest.fixture(scope="module")
+def model(adata):
+    m = scar_jax.SCAR(adata, n_hidden=16, n_latent=N_LATENT)
+    m.train(max_epochs=2, enable_progress_bar=False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def ln_model(model):
+    """A logistic-normal model with the trained encoder of ``model`` (saves a second training compile).
+
+    The encoder, q(z | x) and the per-cell keys do not depend on ``latent_distribution``; only the
+    latent summary (softmax of z) and the decoder input do.
+    """
+    m = copy.copy(model)
+    m.config = dataclasses.replace(model.config, latent_distribution="ln")
+    m._net = m.config.make_net()
+    return m
+
+
+def dense_x(adata) -> np.ndarray:
+    return np.asarray(adata.X.toarray() if sp.issparse(adata.X) else adata.X, np.float32)
+
+
+def cell_keys(model, rows, seed: int = 0) -> jax.Array:
+    """The per-cell keys the model's chunk driver uses: ``fold_in(fold_in(predict_key, seed), row)``."""
+    key = jax.random.fold_in(model._predict_key, seed)
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(rows, jnp.uint32))
+
+
+def forward_eval(model, x: np.ndarray, keys: jax.Array):
+    return forward(model._net, model._variables, jnp.asarray(x), keys, train=False)[0]
+
+
+def expected_and_uniform(model, x: np.ndarray, keys: jax.Array, draw: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``draw`` of denoised_counts_expected, rebuilt: E = N (1 - eps) phi and the rounding uniforms."""
+    keys_s = jax.vmap(jax.random.fold_in, (0, None))(keys, draw)
+    out = forward_eval(model, x, keys_s)
+    library = x.sum(axis=1, keepdims=True).astype(np.float64)
+    expected = (
+        library * (1.0 - np.asarray(out.noise_ratio, np.float64)) * np.asarray(out.native_frequencies, np.float64)
+    )
+    round_keys = jax.vmap(jax.random.fold_in, (0, None))(keys_s, 1)
+    uniform = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (x.shape[1],)))(round_keys), np.float64)
+    return expected, uniform
+
+
+# ---------------------------------------------------------------- map_chunks
+
+
+def test_map_chunks_pads_and_keys_per_cell():
+    # A probe fn returning row sums and the key data: padding (last chunk) is dropped, keys are per cell.
+    rng = np.random.default_rng(0)
+    x = rng.poisson(2.0, (11, 5)).astype(np.float32)
+    cells = posterior.HostCells(sp.csr_matrix(x), x.sum(1, keepdims=True), np.zeros(11, np.int32))
+    rows = np.array([10, 0, 3, 3, 7, 1, 2])
+    key = jax.random.key(3)
+    calls = []
+
+    def probe(batch, keys):
+        calls.append(batch.x.shape[0])
+        return batch.x.sum(axis=1), batch.library[:, 0], jax.random.key_data(keys)
+
+    sums, library, key_data = posterior.map_chunks(probe, cells, rows, 3, key)
+    assert calls == [3, 3, 3]  # fixed chunk shape: the last chunk (1 row) is padded to 3
+    np.testing.assert_array_equal(sums, x[rows].sum(axis=1))
+    np.testing.assert_array_equal(library, x[rows].sum(axis=1))
+    expected_keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(key, r))) for r in rows])
+    np.testing.assert_array_equal(key_data, expected_keys)
+
+
+def test_elbo_does_not_depend_on_batch_size(model):
+    # rtol 1e-5: only the float32 matmul blocking can differ between chunk shapes
+    ref = model.get_elbo(return_mean=False, batch_size=1000)  # one chunk of all 200 cells
+    assert ref.shape == (N_CELLS,) and np.isfinite(ref).all()
+    for bs in (7, 64):  # 200 = 28 * 7 + 4 and 3 * 64 + 8: both pad their last chunk
+        np.testing.assert_allclose(model.get_elbo(return_mean=False, batch_size=bs), ref, rtol=1e-5)
+
+
+def test_denoised_counts_do_not_depend_on_batch_size(model):
+    ref = model.get_denoised_counts(batch_size=1000)
+    for bs in (7, 64):
+        np.testing.assert_array_equal(model.get_denoised_counts(batch_size=bs), ref)
+
+
+def test_last_chunk_padding_does_not_leak(model):
+    full_elbo = model.get_elbo(return_mean=False)
+    full_den = model.get_denoised_counts()
+    full_lat = model.get_latent_representation()
+    # [5, 3]: one chunk of two cells; [5, 3, 9] at batch_size 2: the last chunk is [9, 9 (padding)]
+    for indices, bs in (([5, 3], None), ([5, 3, 9], 2)):
+        elbo = model.get_elbo(indices=indices, return_mean=False, batch_size=bs)
+        np.testing.assert_allclose(elbo, full_elbo[indices], rtol=1e-5)
+        np.testing.assert_array_equal(model.get_denoised_counts(indices=indices, batch_size=bs), full_den[indices])
+        lat = model.get_latent_representation(indices=indices, batch_size=bs)
+        np.testing.assert_allclose(lat, full_lat[indices], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- denoised counts
+
+
+def test_denoised_counts_are_a_rounding_of_the_expectation(model, adata):
+    x = dense_x(adata)
+    rows = np.arange(N_CELLS)
+    denoised = model.get_denoised_counts(n_samples=1, seed=0)
+    assert denoised.shape == (N_CELLS, N_GENES)
+    np.testing.assert_array_equal(denoised, np.round(denoised))  # integer valued
+    assert denoised.min() >= 0
+
+    expected, uniform = expected_and_uniform(model, x, cell_keys(model, rows, seed=0), draw=0)
+    assert (expected >= 0).all()
+    # every entry is floor(E) or floor(E) + 1; tol 1e-4 relative covers float32 rounding of E itself
+    tol = 1e-4 * np.maximum(expected, 1.0)
+    assert (denoised >= np.floor(expected - tol)).all()
+    assert (denoised <= np.floor(expected + tol) + 1).all()
+    # and exactly floor(E) + [u < E - floor(E)] where the Bernoulli decision is not within 1e-4 of a tie
+    # (E == 0 exactly, from a zero native frequency, is never a tie: the count must be 0)
+    frac = expected - np.floor(expected)
+    clear = (expected == 0) | ((np.abs(frac - uniform) > 1e-4) & (frac > 1e-4) & (frac < 1 - 1e-4))
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(denoised[clear], (np.floor(expected) + (uniform < frac))[clear])
+    # unbiased rounding: total within 5 sd of the total expectation (sd^2 = sum frac (1 - frac))
+    sd = np.sqrt((frac * (1 - frac)).sum())
+    assert abs(denoised.sum() - expected.sum()) < 5 * sd
+
+
+def test_denoised_counts_seed_changes_draws(model):
+    a = model.get_denoised_counts(seed=0)
+    np.testing.assert_array_equal(model.get_denoised_counts(seed=0), a)  # deterministic given the seed
+    assert not np.array_equal(model.get_denoised_counts(seed=1), a)
+
+
+def test_denoised_median_lies_between_draws(model, adata):
+    x = dense_x(adata)
+    keys = cell_keys(model, np.arange(N_CELLS), seed=0)
+    median = model.get_denoised_counts(n_samples=5, seed=0)
+    np.testing.assert_array_equal(median, np.round(median))  # median of 5 integers is an integer
+    draws = []
+    for s in range(5):
+        expected, uniform = expected_and_uniform(model, x, keys, draw=s)
+        draws.append(np.floor(expected) + (uniform < expected - np.floor(expected)))
+    draws = np.stack(draws)
+    # (the rebuild of draw 0 is checked against the n_samples=1 output in the test above)
+    assert (median >= draws.min(axis=0)).all()
+    assert (median <= draws.max(axis=0)).all()
+    # and it equals the NumPy median of the rebuilt draws (all but ties within float32 noise: >= 99%)
+    assert (median == np.median(draws, axis=0)).mean() > 0.99
+
+
+# ---------------------------------------------------------------- latent space / decoder
+
+
+def test_logistic_normal_mean_converges(ln_model, adata):
+    rows = np.arange(0, N_CELLS, 5)  # 40 cells
+    got = ln_model.get_latent_representation(indices=rows, mc_samples=4000, seed=0)
+    assert got.shape == (len(rows), N_LATENT)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    mean, var = ln_model.get_latent_representation(indices=rows, return_dist=True)
+    rng = np.random.default_rng(0)
+    z = mean[None] + np.sqrt(var)[None] * rng.standard_normal((20000, *mean.shape))
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    oracle = (e / e.sum(axis=-1, keepdims=True)).mean(axis=0)
+    # MC standard error <= 0.5/sqrt(4000) + 0.5/sqrt(20000) < 0.012: 0.02 is a loose absolute bound
+    np.testing.assert_allclose(got, oracle, atol=0.02)
+
+
+def test_ln_single_draw_is_on_the_simplex(ln_model):
+    one = ln_model.get_latent_representation(give_mean=False, seed=1)
+    assert (one > 0).all()
+    np.testing.assert_allclose(one.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_normal_latent_give_mean_false_is_a_draw(model):
+    mean, var = model.get_latent_representation(return_dist=True)
+    np.testing.assert_allclose(model.get_latent_representation(), mean, rtol=0, atol=0)
+    draw = model.get_latent_representation(give_mean=False, seed=0)
+    standardized = (draw - mean) / np.sqrt(var)
+    # 800 standard normal values: mean within 0.2 (> 5 se), variance within [0.7, 1.3]
+    assert abs(standardized.mean()) < 0.2
+    assert 0.7 < standardized.var() < 1.3
+
+
+@pytest.mark.parametrize("which", ["model", "ln_model"])
+def test_decode_at_mean_ranges(which, request, adata):
+    m = request.getfixturevalue(which)
+    native = m.get_native_frequencies()
+    noise = m.get_noise_ratio()
+    assert native.shape == (N_CELLS, N_GENES) and noise.shape == (N_CELLS,)
+    assert ((noise >= 0) & (noise <= 1)).all()
+    assert (native >= 0).all()
+    assert (native.sum(axis=1) <= 1 + 1e-6).all()  # row-normalised with an eps in the denominator
+    # same as the functional core on the dense counts (rtol 1e-5: only chunking may differ)
+    nf, nr = posterior.decode_at_mean(m.config, m._variables, jnp.asarray(dense_x(adata)))
+    np.testing.assert_allclose(native, np.asarray(nf), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(noise, np.asarray(nr)[:, 0], rtol=1e-5, atol=1e-7)
+
+
+def test_encode_variances_positive(model, adata):
+    mean, var = model.get_latent_representation(return_dist=True)
+    assert mean.shape == var.shape == (N_CELLS, N_LATENT)
+    assert np.isfinite(mean).all()
+    assert (var >= 1e-4).all()  # exp(.) + 1e-4
+    m2, v2 = posterior.encode(model.config, model._variables, jnp.asarray(dense_x(adata)))
+    assert (np.asarray(v2) >= 1e-4).all()
+    np.testing.assert_allclose(var, np.asarray(v2), rtol=1e-5)
+    np.testing.assert_allclose(mean, np.asarray(m2), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- ELBO
+
+
+def test_elbo_identity(model, adata):
+    elbo = model.get_elbo(return_mean=False, seed=3)
+    rec_ll = model.get_reconstruction_error(return_mean=False, seed=3)["reconstruction_loss"]
+    assert elbo.shape == rec_ll.shape == (N_CELLS,)
+    neg_kl = elbo - rec_ll
+    # elbo = rec_ll - KL with KL >= 0; absolute slack 1e-3 for float32 cancellation at |elbo| ~ 1e3
+    assert (neg_kl <= 1e-3).all()
+    # KL(N(m, v) || N(0, 1)) = 0.5 sum (v + m^2 - 1 - log v), from encode() in float64
+    mean, var = (a.astype(np.float64) for a in model.get_latent_representation(return_dist=True))
+    kl = 0.5 * (var + mean**2 - 1 - np.log(var)).sum(axis=1)
+    np.testing.assert_allclose(-neg_kl, kl, rtol=1e-3, atol=2e-3)
+    # means agree with the per-cell values (rtol 1e-6)
+    assert model.get_elbo(seed=3) == pytest.approx(float(elbo.mean()), rel=1e-6)
+    assert model.get_reconstruction_error(seed=3)["reconstruction_loss"] == pytest.approx(
+        float(rec_ll.mean()), rel=1e-6
+    )
+
+
+def test_reconstruction_is_binomial_log_likelihood(model, adata):
+    # log p(x | z) of the ambient mixture, rebuilt with scipy from the same z draw (seed 3)
+    x = dense_x(adata)
+    out = forward_eval(model, x, cell_keys(model, np.arange(N_CELLS), seed=3))
+    eps = np.asarray(out.noise_ratio, np.float64)
+    p = (1 - eps) * np.asarray(out.native_frequencies, np.float64) + eps * model.ambient_profile.astype(np.float64)
+    p = np.clip(p, np.finfo(np.float32).eps, 1 - np.finfo(np.float32).eps)
+    library = x.sum(axis=1, keepdims=True)
+    oracle = scipy.stats.binom.logpmf(x, library, p).sum(axis=1)
+    rec_ll = model.get_reconstruction_error(return_mean=False, seed=3)["reconstruction_loss"]
+    np.testing.assert_allclose(rec_ll, oracle, rtol=1e-4)
+
+
+def test_elbo_seed_matters_and_is_reproducible(model):
+    a = model.get_elbo(return_mean=False, seed=0)
+    np.testing.assert_array_equal(model.get_elbo(return_mean=False, seed=0), a)
+    assert not np.array_equal(model.get_elbo(return_mean=False, seed=1), a)
+
+
+def test_functional_elbo_terms_match_method(model, adata):
+    x = dense_x(adata)
+    rows = np.arange(N_CELLS)
+    batch = Batch(jnp.asarray(x), jnp.asarray(x.sum(1, keepdims=True)), jnp.zeros(N_CELLS, jnp.int32))
+    rec, kl = posterior.elbo_terms(
+        model.config, model._variables, batch, jnp.asarray(model.ambient_profile), cell_keys(model, rows, seed=2)
+    )
+    np.testing.assert_allclose(
+        model.get_elbo(return_mean=False, seed=2), -(np.asarray(rec) + np.asarray(kl)), rtol=1e-5
+    )

@@ -1,0 +1,176 @@
+"""Training core: schedules, data split, optimizer, compiled epoch, resumption."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scar_jax import counts, train
+from scar_jax.datasets import simulate
+from scar_jax.vae import Batch, SCARConfig, init_variables, loss_terms
+
+
+@pytest.mark.parametrize(
+    ("epoch", "expected"),
+    [(0, 0.0), (1, 1 / 400), (200, 0.5), (399, 399 / 400), (400, 1.0), (1000, 1.0)],
+)
+def test_kl_warmup_is_linear_in_the_epoch(epoch, expected):
+    assert train.kl_weight_schedule(epoch) == pytest.approx(expected, abs=1e-12)
+
+
+def test_kl_warmup_bounds_and_off():
+    # min + (max - min) * epoch / n: hand values
+    assert train.kl_weight_schedule(5, 10, max_kl_weight=0.8, min_kl_weight=0.2) == pytest.approx(0.5)
+    assert train.kl_weight_schedule(10, 10, max_kl_weight=0.8, min_kl_weight=0.2) == pytest.approx(0.8)
+    assert train.kl_weight_schedule(0, None) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("n_cells", "expected"),
+    [(1, 400), (2000, 400), (20000, 400), (40000, 200), (30000, 267), (1_000_000, 8), (100_000_000, 1)],
+)
+def test_max_epochs_heuristic(n_cells, expected):
+    # min(round(20000 / n * 400), 400), at least 1
+    assert train.max_epochs_heuristic(n_cells) == expected
+
+
+def test_split_sizes_and_disjoint():
+    tr, va, te = train.split_indices(1000, 0.9, None, True, 128, seed=0)
+    assert (len(tr), len(va), len(te)) == (900, 100, 0)
+    assert len(np.intersect1d(tr, va)) == 0
+    assert np.array_equal(np.sort(np.concatenate([tr, va])), np.arange(1000))
+    tr2, va2, _ = train.split_indices(1000, 0.9, None, True, 128, seed=0)
+    assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
+
+
+def test_split_moves_tiny_last_batch_to_validation():
+    # n_train = ceil(0.9 * 1000) = 900 = 7 * 128 + 4 -> kept; 258 cells at 0.5 -> 129 = 128 + 1 -> 1 moved
+    tr, va, _ = train.split_indices(258, 0.5, None, True, 128, seed=1)
+    assert (len(tr), len(va)) == (128, 130)
+
+
+def test_split_with_validation_size_and_test_set():
+    tr, va, te = train.split_indices(100, 0.6, 0.3, False, None)
+    assert (len(tr), len(va), len(te)) == (60, 30, 10)
+    assert np.array_equal(va, np.arange(30)) and np.array_equal(tr, np.arange(30, 90))
+
+
+def test_split_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="train_size"):
+        train.split_indices(100, 1.5)
+    with pytest.raises(ValueError, match="validation_size"):
+        train.split_indices(100, 0.9, 0.5)
+    with pytest.raises(ValueError, match="training cells"):
+        train.split_indices(2, 0.9)
+
+
+def test_optimizer_is_torch_adam_with_l2():
+    """Three steps of optax chain vs a float64 NumPy re-derivation of torch.optim.Adam(weight_decay=...)."""
+    lr, eps, wd = 1e-2, 0.01, 0.1
+    tx = train.make_optimizer(lr=lr, eps=eps, weight_decay=wd)
+    w = jnp.array([1.0, -2.0, 0.5])
+    state = tx.init(w)
+    w_np, m, v = np.array([1.0, -2.0, 0.5]), np.zeros(3), np.zeros(3)
+    for t in range(1, 4):
+        grad = 2 * w  # gradient of sum(w ** 2)
+        updates, state = tx.update(grad, state, w)
+        w = w + updates
+        g = 2 * w_np + wd * w_np  # torch Adam: L2 enters the gradient
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g**2
+        m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+        w_np = w_np - lr * m_hat / (np.sqrt(v_hat) + eps)
+    np.testing.assert_allclose(np.asarray(w), w_np, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    adata = simulate(n_cells=300, n_genes=40, seed=3)
+    config = SCARConfig(n_genes=40, n_hidden=16, n_latent=4)
+    net = config.make_net()
+    x = adata.X
+    library = np.asarray(x.sum(1), np.float32)
+    data = train.CellData(counts.to_device(x), jnp.asarray(library), jnp.zeros(300, jnp.int32))
+    ambient = jnp.asarray(adata.varm["true_ambient_profile"].T, jnp.float32)
+    tx = train.make_optimizer()
+    epoch_fn = train.make_train_epoch(net, config, tx, 64)
+    rows = jnp.arange(250, dtype=jnp.int32)  # 3 full minibatches + one of 58
+
+    def fresh_state():
+        return train.init_train_state(init_variables(net, jax.random.key(0), 40), tx, jax.random.key(1))
+
+    return net, config, data, ambient, tx, epoch_fn, rows, fresh_state
+
+
+def test_epoch_trains_every_cell_and_compiles_once(setup):
+    _, _, data, ambient, _, epoch_fn, rows, fresh_state = setup
+    state = fresh_state()
+    losses = []
+    for epoch in range(4):
+        state, sums = epoch_fn(state, data, rows, ambient, jnp.float32(epoch / 10))
+        losses.append(float(sums.loss / sums.n_cells))
+        assert float(sums.n_cells) == 250  # the partial last minibatch is trained too
+    assert int(state.step) == 4 * 4  # ceil(250 / 64) steps per epoch
+    assert epoch_fn._cache_size() == 1  # a changing kl_weight does not recompile
+    assert losses[-1] < losses[0]
+
+
+def test_resume_equals_uninterrupted_run(setup):
+    """Keys derive from (state.key, state.step): 2 + 2 epochs equal 4 epochs, bit for bit."""
+    _, _, data, ambient, _, epoch_fn, rows, fresh_state = setup
+    common = dict(n_epochs_kl_warmup=4, progress_bar=False)
+    full, rows_full = train.fit(epoch_fn, None, fresh_state(), data, rows, None, ambient, max_epochs=4, **common)
+    half, _ = train.fit(epoch_fn, None, fresh_state(), data, rows, None, ambient, max_epochs=2, **common)
+    resumed, rows_rest = train.fit(
+        epoch_fn, None, half, data, rows, None, ambient, max_epochs=4, first_epoch=2, **common
+    )
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert [r["kl_weight"] for r in rows_full[2:]] == [r["kl_weight"] for r in rows_rest]
+
+
+def test_evaluate_matches_direct_loss_terms(setup):
+    net, config, data, ambient, _, _, _, fresh_state = setup
+    state = fresh_state()
+    evaluate = train.make_evaluate(net, config, 32)
+    val_rows = jnp.arange(250, 300, dtype=jnp.int32)
+    key = jax.random.key(7)
+    sums = evaluate(state.variables, data, val_rows, ambient, jnp.float32(0.5), key)
+    cell_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(val_rows)
+    batch = Batch(data.counts.take(val_rows), data.library[val_rows], data.batch_index[val_rows])
+    terms, _ = loss_terms(net, config, state.variables, batch, ambient, cell_keys, 0.5, train=False)
+    np.testing.assert_allclose(float(sums.reconstruction_loss), float(terms.reconstruction_loss.sum()), rtol=1e-5)
+    np.testing.assert_allclose(float(sums.kl_local), float(terms.kl_local.sum()), rtol=1e-5)
+    np.testing.assert_allclose(float(sums.loss) / 50, float(terms.loss), rtol=1e-5)
+
+
+def test_early_stopping_stops_after_patience(setup):
+    _, _, data, ambient, _, epoch_fn, rows, fresh_state = setup
+    # min_delta huge: no epoch improves on the first, so training stops after epoch 0 + patience (2) epochs
+    stopper = train.EarlyStopping("elbo_train", patience=2, min_delta=1e9)
+    _, rows_out = train.fit(
+        epoch_fn,
+        None,
+        fresh_state(),
+        data,
+        rows,
+        None,
+        ambient,
+        max_epochs=10,
+        early_stopping=stopper,
+        progress_bar=False,
+    )
+    assert len(rows_out) == 3
+    with pytest.raises(ValueError, match="early_stopping_monitor"):
+        train.fit(
+            epoch_fn,
+            None,
+            fresh_state(),
+            data,
+            rows,
+            None,
+            ambient,
+            max_epochs=2,
+            early_stopping=train.EarlyStopping("elbo_validation"),
+            progress_bar=False,
+        )

@@ -46,7 +46,7 @@ def _check_obs_key(adata: anndata.AnnData, key: str | None, name: str) -> None:
         raise ValueError(f"{name}={key!r} is not a column of adata.obs; available: {list(adata.obs.columns)[:20]}")
 
 
-def _categories(adata: anndata.AnnData, key: str | None) -> tuple[str, ...]:
+def categories(adata: anndata.AnnData, key: str | None) -> tuple[str, ...]:
     if key is None:
         return ("0",)
     col = adata.obs[key]
@@ -79,8 +79,8 @@ def setup_anndata(
         batch_key=batch_key,
         labels_key=labels_key,
         size_factor_key=size_factor_key,
-        batch_categories=_categories(adata, batch_key),
-        labels_categories=_categories(adata, labels_key),
+        batch_categories=categories(adata, batch_key),
+        labels_categories=categories(adata, labels_key),
     )
     validate_counts(get_counts(adata, spec), "adata.X" if layer is None else f"adata.layers[{layer!r}]")
     adata.uns[UNS_KEY] = spec.to_dict()
@@ -214,3 +214,33 @@ def resolve_ambient_profile(
     if ambient_profile is not None and np.abs(sums - 1.0).max() > 1e-3:
         warnings.warn(f"{source} does not sum to 1 (sums {sums}); normalising it", UserWarning, stacklevel=3)
     return (profile / sums).T.astype(np.float32)
+
+
+def match_raw_genes(adata: anndata.AnnData, raw_adata: anndata.AnnData) -> np.ndarray:
+    """Positions in ``raw_adata.var_names`` of each gene of ``adata`` (matched by name)."""
+    if not isinstance(raw_adata, anndata.AnnData):
+        raise TypeError(f"raw_adata must be an anndata.AnnData, got {type(raw_adata).__name__}")
+    if not raw_adata.var_names.is_unique:
+        raise ValueError("raw_adata.var_names are not unique; call raw_adata.var_names_make_unique() first")
+    positions = raw_adata.var_names.get_indexer(adata.var_names)
+    if (positions < 0).any():
+        missing = list(adata.var_names[positions < 0][:5])
+        raise ValueError(
+            f"{int((positions < 0).sum())} genes of adata are not in raw_adata.var_names, e.g. {missing}; "
+            "raw_adata must be the unfiltered droplet matrix of the same experiment"
+        )
+    return positions
+
+
+def raw_counts(raw_adata: anndata.AnnData) -> sp.csr_matrix:
+    """The raw droplets' counts as CSR (validated: finite, non-negative integers; zero droplets allowed)."""
+    x = raw_adata.X
+    if x is None:
+        raise ValueError("raw_adata.X is None; it must hold the raw droplet counts")
+    x = sp.csr_matrix(x) if not sp.isspmatrix_csr(x) else x
+    values = x.data
+    if values.size and (
+        not np.isfinite(values).all() or values.min() < 0 or not np.array_equal(values, np.round(values))
+    ):
+        raise ValueError("raw_adata.X must hold raw counts (finite, non-negative integers)")
+    return x

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
+from . import ambient as _ambient
 from . import data as _data
 from . import io as _io
 from . import posterior as _post
@@ -258,10 +260,10 @@ class SCAR:
             rows = rows % adata.n_obs
         return cells, rows
 
-    def _map(self, fn, adata, indices, batch_size, seed: int = 0) -> list[np.ndarray]:
+    def _map(self, fn, adata, indices, batch_size, seed: int = 0, sparse_output: bool = False) -> list:
         cells, rows = self._cells(adata, indices)
         key = jax.random.fold_in(self._predict_key, seed)
-        return _post.map_chunks(fn, cells, rows, batch_size or 1024, key)
+        return _post.map_chunks(fn, cells, rows, batch_size or 1024, key, sparse_output)
 
     # ------------------------------------------------------------------ latent space
     def get_latent_representation(
@@ -363,21 +365,101 @@ class SCAR:
         n_samples: int = 1,
         batch_size: int | None = None,
         *,
+        method: Literal["split", "split_mean", "expected"] = "split",
         indices: Any = None,
         seed: int = 0,
-    ) -> np.ndarray:
-        """Denoised counts ``(n_cells, n_genes)``, the scvi-tools reference semantics.
+        return_sparse: bool | None = None,
+    ) -> np.ndarray | sp.csr_matrix:
+        """Denoised counts ``(n_cells, n_genes)``.
 
-        For each draw of z: the expected native counts ``library * (1 - noise_ratio) * phi``, rounded
-        stochastically (``floor + Bernoulli(fraction)``); with ``n_samples > 1`` the median over draws.
-        Note that this expectation can exceed the observed counts (and be positive where the observed
-        count is 0). Seeded by ``seed``.
+        Parameters
+        ----------
+        method
+            ``"split"`` (default, count-preserving): each observed count is native with its posterior
+            share ``w = (1 - eps) phi / ((1 - eps) phi + eps a)`` (the cell's own batch profile ``a``),
+            ``denoised ~ Binomial(x, w)``, median over ``n_samples`` draws of z. Integer, ``0 <=
+            denoised <= raw``, and zeros stay zero. ``"split_mean"``: the posterior mean ``x * w``
+            (not integer). ``"expected"``: the scvi-tools reference, ``library * (1 - eps) * phi``
+            stochastically rounded, median over draws; it can exceed the observed count and be
+            positive where nothing was observed ("artificial counts"), which is why it is not the
+            default here.
+        return_sparse
+            CSR output; default: when the input counts are sparse and the method is a split (whose
+            non-zeros are a subset of the input's).
+        seed
+            Seed of the draws of z and of the binomial split / rounding.
         """
         if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        cfg, v = self.config, self._variables
-        fn = lambda b, k: _post.denoised_counts_expected(cfg, v, b, int(n_samples), k)  # noqa: E731
-        return self._map(fn, adata, indices, batch_size, seed)[0]
+        if method not in ("split", "split_mean", "expected"):
+            raise ValueError(f"method must be 'split', 'split_mean' or 'expected', got {method!r}")
+        cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
+        if method == "expected":
+            fn = lambda b, k: _post.denoised_counts_expected(cfg, v, b, int(n_samples), k)  # noqa: E731
+        else:
+            sample = method == "split"
+            fn = lambda b, k: _post.denoised_counts_posterior_split(  # noqa: E731
+                cfg, v, b, ambient, int(n_samples), sample, k
+            )
+        if return_sparse is None:
+            counts = self.adata.X if adata is None else adata.X
+            counts = (
+                counts if self.spec.layer is None else (self.adata if adata is None else adata).layers[self.spec.layer]
+            )
+            return_sparse = sp.issparse(counts) and method != "expected"
+        return self._map(fn, adata, indices, batch_size, seed, sparse_output=bool(return_sparse))[0]
+
+    @staticmethod
+    def get_ambient_profile(
+        adata: anndata.AnnData,
+        raw_adata: anndata.AnnData,
+        prob: float = 0.995,
+        min_raw_counts: int = 2,
+        iterations: int = 3,
+        n_batch: int = 1,
+        sample: int = 50000,
+        *,
+        batch_key: str | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Estimate the ambient profile from raw (unfiltered) droplets; writes ``adata.varm["ambient_profile"]``.
+
+        The EmptyDrops-like iteration of scvi-tools (see :mod:`scar_jax.ambient`), computed on the sparse
+        matrix without densifying it (``n_batch`` only sets the number of row chunks). Genes are matched
+        by name. With a ``batch_key`` (default: the one given to ``setup_anndata``, when ``raw_adata.obs``
+        has that column too), one profile per batch from that batch's own droplets, one column per batch
+        category in the setup's order. Returns the ``(n_genes, n_profiles)`` profile matrix.
+        """
+        genes = _data.match_raw_genes(adata, raw_adata)
+        if batch_key is None and _data.UNS_KEY in adata.uns:
+            setup_key = _data.read_spec(adata).batch_key
+            batch_key = setup_key if setup_key is not None and setup_key in raw_adata.obs else None
+        raw = _data.raw_counts(raw_adata)[:, genes]
+        chunk = max(1, -(-raw_adata.n_obs // max(1, int(n_batch))))
+        if batch_key is None:
+            groups = [np.arange(raw_adata.n_obs)]
+        else:
+            if batch_key not in raw_adata.obs or batch_key not in adata.obs:
+                raise ValueError(f"batch_key={batch_key!r} must be a column of both adata.obs and raw_adata.obs")
+            categories = (
+                _data.read_spec(adata).batch_categories
+                if _data.UNS_KEY in adata.uns
+                else _data.categories(adata, batch_key)
+            )
+            labels = raw_adata.obs[batch_key].astype(str).to_numpy()
+            groups = [np.flatnonzero(labels == c) for c in categories]
+            for c, g in zip(categories, groups, strict=True):
+                if len(g) == 0:
+                    raise ValueError(f"raw_adata has no droplets of batch {c!r} (raw_adata.obs[{batch_key!r}])")
+        profiles = []
+        for rows in groups:
+            estimate = _ambient.estimate_ambient_profile(
+                raw[rows], prob, min_raw_counts, iterations, sample, seed, chunk_size=min(chunk, 100_000)
+            )
+            profiles.append(estimate.profile)
+        profile = np.stack(profiles, axis=1)
+        adata.varm["ambient_profile"] = profile
+        return profile
 
     # ------------------------------------------------------------------ persistence
     def save(

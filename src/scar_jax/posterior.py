@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .nets import SCARNet
-from .vae import Batch, SCARConfig, forward, kl_local, likelihood, standard_normal_noise
+from .vae import Batch, SCARConfig, cell_ambient_profile, forward, kl_local, likelihood, standard_normal_noise
 
 
 class HostCells(NamedTuple):
@@ -98,6 +98,47 @@ def denoised_counts_expected(
     return draws[0] if n_samples == 1 else jnp.median(draws, axis=0)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def denoised_counts_posterior_split(
+    config: SCARConfig,
+    variables: dict[str, Any],
+    batch: Batch,
+    ambient_profile: jax.Array,
+    n_samples: int,
+    sample: bool,
+    cell_keys: jax.Array,
+) -> jax.Array:
+    """Count-preserving denoising: each observed count is native with its posterior share.
+
+    .. code-block:: text
+
+        w_ig = (1 - eps_i) phi_ig / ((1 - eps_i) phi_ig + eps_i a_{b(i) g})
+        denoised_ig ~ Binomial(x_ig, w_ig)
+
+    with ``phi`` and ``eps`` decoded from one draw of z per sample (a draw of the posterior), and the
+    median over ``n_samples`` draws. ``sample=False`` returns the posterior mean ``x * w`` (averaged over
+    the draws) instead of binomial draws. In both cases ``0 <= result <= x`` and zeros stay zero.
+    """
+    ambient = cell_ambient_profile(ambient_profile, batch.batch_index)
+
+    def one_draw(s):
+        keys = jax.vmap(jax.random.fold_in, (0, None))(cell_keys, s)
+        out, _ = forward(_net(config), variables, batch.x, keys, train=False)
+        native = (1.0 - out.noise_ratio) * out.native_frequencies
+        total = native + out.noise_ratio * ambient
+        share = jnp.where(total > 0, native / jnp.where(total > 0, total, 1.0), 0.0)
+        if not sample:
+            return batch.x * share
+        split_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 2)
+        draws = jax.vmap(lambda k, n, p: jax.random.binomial(k, n, p))(split_keys, batch.x, share)
+        return draws.astype(jnp.float32)
+
+    draws = jax.lax.map(one_draw, jnp.arange(n_samples))  # (n_samples, n, G)
+    if not sample:
+        return draws.mean(axis=0)
+    return draws[0] if n_samples == 1 else jnp.floor(jnp.median(draws, axis=0))
+
+
 def _dense_rows(x: np.ndarray | sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
     block = x[rows]
     return (block.toarray() if sp.issparse(block) else np.asarray(block)).astype(np.float32, copy=False)
@@ -109,15 +150,25 @@ def map_chunks(
     rows: np.ndarray,
     batch_size: int,
     key: jax.Array,
-) -> list[np.ndarray]:
+    sparse_output: bool = False,
+) -> list[np.ndarray | sp.csr_matrix]:
     """Apply ``fn(batch, cell_keys)`` to ``rows`` in chunks of ``batch_size``; concatenate on the host.
 
     ``fn`` returns an array or a tuple of arrays with cells on the first axis. The last chunk is padded
-    (with its first row) to ``batch_size`` so that ``fn`` compiles once; padding is dropped.
+    (with its first row) to ``batch_size`` so that ``fn`` compiles once; padding is dropped. One chunk
+    is computed while the previous one is copied to the host, so device memory holds at most two
+    chunks of results. With ``sparse_output`` each chunk is stored as CSR (bounded host memory for
+    sparse results such as count-preserving denoised counts).
     """
     rows = np.asarray(rows, dtype=np.int64)
     batch_size = max(1, min(int(batch_size), len(rows)))
-    pending = []
+    done: list[tuple[Any, ...]] = []
+    in_flight = None
+
+    def to_host(out: tuple[Any, ...], n_valid: int) -> tuple[Any, ...]:
+        arrays = [np.asarray(o)[:n_valid] for o in out]
+        return tuple(sp.csr_matrix(a) if sparse_output else a for a in arrays)
+
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         n_valid = len(chunk)
@@ -129,7 +180,13 @@ def map_chunks(
             jnp.asarray(cells.batch_index[chunk], jnp.int32),
         )
         cell_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(chunk, jnp.uint32))
-        out = fn(batch, cell_keys)  # dispatched asynchronously: the next chunk is read meanwhile
-        pending.append((out if isinstance(out, tuple) else (out,), n_valid))
-    n_outputs = len(pending[0][0]) if pending else 0
-    return [np.concatenate([np.asarray(o[i])[:n] for o, n in pending]) for i in range(n_outputs)]
+        out = fn(batch, cell_keys)  # dispatched asynchronously
+        if in_flight is not None:
+            done.append(to_host(*in_flight))  # copied while the chunk above computes
+        in_flight = (out if isinstance(out, tuple) else (out,), n_valid)
+    if in_flight is not None:
+        done.append(to_host(*in_flight))
+    n_outputs = len(done[0]) if done else 0
+    if sparse_output:
+        return [sp.vstack([d[i] for d in done], format="csr") for i in range(n_outputs)]
+    return [np.concatenate([d[i] for d in done]) for i in range(n_outputs)]

@@ -29,6 +29,8 @@ DEMO_OPTIONS = [
     "--seed",
     "--output",
     "--quiet",
+    "--n-empty",
+    "--prob",
 ]
 
 
@@ -67,10 +69,12 @@ def test_demo_output_file(verbose_run):
     assert adata.shape == (N_CELLS, N_GENES)
     assert adata.obsm["X_scAR"].shape == (N_CELLS, 15)  # default n_latent
     assert np.isfinite(adata.obsm["X_scAR"]).all()
-    denoised = np.asarray(adata.layers["denoised"])
+    denoised = adata.layers["denoised"].toarray()  # count-preserving split: sparse like X
     assert denoised.shape == (N_CELLS, N_GENES)
     np.testing.assert_array_equal(denoised, np.round(denoised))
-    assert denoised.min() >= 0
+    assert denoised.min() >= 0 and (denoised <= adata.X.toarray()).all()
+    expected = np.asarray(adata.layers["denoised_expected"])
+    assert expected.shape == (N_CELLS, N_GENES) and expected.min() >= 0
     noise = adata.obs["noise_ratio_scar"].to_numpy()
     assert ((noise >= 0) & (noise <= 1)).all()
 
@@ -84,7 +88,8 @@ def test_demo_printed_numbers_match_output_file(verbose_run):
     denoised, native = adata.layers["denoised"], adata.layers["native"]
     m = denoising_metrics(adata.X, denoised, native)
     pb = pseudobulk_l1(adata.X, denoised, native, adata.obs["cell_type"].to_numpy())
-    assert f"native profiles {pb['l1_denoised']:,.0f} vs {pb['l1_raw']:,.0f} for the raw counts" in out
+    assert f"per-cell-type profiles {pb['l1_denoised']:,.0f} vs {pb['l1_raw']:,.0f} raw" in out
+    assert f"ambient counts removed {m['ambient_removed_entrywise']:.1%}" in out
     assert f"native counts {m['l1_denoised']:,.0f} vs {m['l1_raw']:,.0f} raw" in out
     match = re.search(r"mean estimated ([0-9.]+) vs true ([0-9.]+)", out)
     assert match is not None

@@ -48,7 +48,7 @@ def outputs(model):
     return {
         "latent": model.get_latent_representation(),
         "elbo": model.get_elbo(return_mean=False),
-        "denoised": model.get_denoised_counts(),
+        "denoised": model.get_denoised_counts(return_sparse=False),
     }
 
 
@@ -62,7 +62,7 @@ def saved_dir(model, tmp_path_factory):
 def assert_same_outputs(loaded, outputs):
     np.testing.assert_array_equal(loaded.get_latent_representation(), outputs["latent"])
     np.testing.assert_array_equal(loaded.get_elbo(return_mean=False), outputs["elbo"])
-    np.testing.assert_array_equal(loaded.get_denoised_counts(), outputs["denoised"])
+    np.testing.assert_array_equal(loaded.get_denoised_counts(return_sparse=False), outputs["denoised"])
 
 
 def assert_tree_equal(a, b):

@@ -33,8 +33,11 @@ def expected_metrics() -> dict[str, float]:
         "l1_denoised": 2.0,
         "l1_improvement": 1.0 - 2.0 / 3.0,
         "ambient_removed": 3.0 / 3.0,
+        # min(raw - denoised, raw - native) clipped at 0: [[1, 0, 1], [0, 1, 0]] -> 3 of 3
+        "ambient_removed_entrywise": 3.0 / 3.0,
         "native_retained": 6.0 / 7.0,
         "above_raw": 1.0 / 6.0,
+        "new_nonzeros": 1.0 / 6.0,  # raw 0 but denoised 1 at (0, 1)
     }
 
 

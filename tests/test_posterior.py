@@ -112,20 +112,21 @@ def test_elbo_does_not_depend_on_batch_size(model):
 
 
 def test_denoised_counts_do_not_depend_on_batch_size(model):
-    ref = model.get_denoised_counts(batch_size=1000)
+    ref = model.get_denoised_counts(method="expected", batch_size=1000)
     for bs in (7, 64):
-        np.testing.assert_array_equal(model.get_denoised_counts(batch_size=bs), ref)
+        np.testing.assert_array_equal(model.get_denoised_counts(method="expected", batch_size=bs), ref)
 
 
 def test_last_chunk_padding_does_not_leak(model):
     full_elbo = model.get_elbo(return_mean=False)
-    full_den = model.get_denoised_counts()
+    full_den = model.get_denoised_counts(method="expected")
     full_lat = model.get_latent_representation()
     # [5, 3]: one chunk of two cells; [5, 3, 9] at batch_size 2: the last chunk is [9, 9 (padding)]
     for indices, bs in (([5, 3], None), ([5, 3, 9], 2)):
         elbo = model.get_elbo(indices=indices, return_mean=False, batch_size=bs)
         np.testing.assert_allclose(elbo, full_elbo[indices], rtol=1e-5)
-        np.testing.assert_array_equal(model.get_denoised_counts(indices=indices, batch_size=bs), full_den[indices])
+        den = model.get_denoised_counts(method="expected", indices=indices, batch_size=bs)
+        np.testing.assert_array_equal(den, full_den[indices])
         lat = model.get_latent_representation(indices=indices, batch_size=bs)
         np.testing.assert_allclose(lat, full_lat[indices], rtol=1e-5, atol=1e-6)
 
@@ -136,7 +137,7 @@ def test_last_chunk_padding_does_not_leak(model):
 def test_denoised_counts_are_a_rounding_of_the_expectation(model, adata):
     x = dense_x(adata)
     rows = np.arange(N_CELLS)
-    denoised = model.get_denoised_counts(n_samples=1, seed=0)
+    denoised = model.get_denoised_counts(method="expected", n_samples=1, seed=0)
     assert denoised.shape == (N_CELLS, N_GENES)
     np.testing.assert_array_equal(denoised, np.round(denoised))  # integer valued
     assert denoised.min() >= 0
@@ -159,15 +160,16 @@ def test_denoised_counts_are_a_rounding_of_the_expectation(model, adata):
 
 
 def test_denoised_counts_seed_changes_draws(model):
-    a = model.get_denoised_counts(seed=0)
-    np.testing.assert_array_equal(model.get_denoised_counts(seed=0), a)  # deterministic given the seed
-    assert not np.array_equal(model.get_denoised_counts(seed=1), a)
+    a = model.get_denoised_counts(method="expected", seed=0)
+    # deterministic given the seed
+    np.testing.assert_array_equal(model.get_denoised_counts(method="expected", seed=0), a)
+    assert not np.array_equal(model.get_denoised_counts(method="expected", seed=1), a)
 
 
 def test_denoised_median_lies_between_draws(model, adata):
     x = dense_x(adata)
     keys = cell_keys(model, np.arange(N_CELLS), seed=0)
-    median = model.get_denoised_counts(n_samples=5, seed=0)
+    median = model.get_denoised_counts(method="expected", n_samples=5, seed=0)
     np.testing.assert_array_equal(median, np.round(median))  # median of 5 integers is an integer
     draws = []
     for s in range(5):
@@ -290,3 +292,39 @@ def test_functional_elbo_terms_match_method(model, adata):
     np.testing.assert_allclose(
         model.get_elbo(return_mean=False, seed=2), -(np.asarray(rec) + np.asarray(kl)), rtol=1e-5
     )
+
+
+# ---------------------------------------------------------------- count-preserving split
+
+
+def native_share(model, x: np.ndarray, keys: jax.Array, draw: int) -> np.ndarray:
+    """w = (1 - eps) phi / ((1 - eps) phi + eps a), rebuilt in float64 from the functional core."""
+    keys_s = jax.vmap(jax.random.fold_in, (0, None))(keys, draw)
+    out = forward_eval(model, x, keys_s)
+    eps = np.asarray(out.noise_ratio, np.float64)
+    native = (1.0 - eps) * np.asarray(out.native_frequencies, np.float64)
+    total = native + eps * np.asarray(model.ambient_profile, np.float64)[:1]
+    return np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
+
+
+def test_split_mean_is_the_observed_count_times_the_native_share(model, adata):
+    x = dense_x(adata)
+    keys = cell_keys(model, np.arange(N_CELLS), seed=0)
+    got = model.get_denoised_counts(method="split_mean", seed=0, return_sparse=False)
+    np.testing.assert_allclose(got, x * native_share(model, x, keys, draw=0), rtol=1e-4, atol=1e-5)
+
+
+def test_split_draws_are_binomial_subsets_of_the_observed_counts(model, adata):
+    x = dense_x(adata)
+    got = model.get_denoised_counts(seed=0)
+    assert sp.isspmatrix_csr(got)  # sparse in, sparse out
+    den = got.toarray()
+    assert np.array_equal(den, np.round(den)) and den.min() >= 0
+    assert (den <= x).all() and (den[x == 0] == 0).all()
+    assert np.array_equal(model.get_denoised_counts(seed=0, batch_size=7).toarray(), den)
+    # unbiased: the total is within 5 sd of sum x w (binomial variance sum x w (1 - w))
+    w = native_share(model, x, cell_keys(model, np.arange(N_CELLS), seed=0), draw=0)
+    sd = np.sqrt((x * w * (1 - w)).sum())
+    assert abs(den.sum() - (x * w).sum()) < 5 * sd
+    median = model.get_denoised_counts(n_samples=4, seed=0).toarray()
+    assert (median <= x).all() and np.array_equal(median, np.round(median))

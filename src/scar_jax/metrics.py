@@ -28,8 +28,13 @@ def denoising_metrics(
         (above 1 means native counts were removed too).
     ``native_retained``
         ``sum min(denoised, native) / sum native``.
+    ``ambient_removed_entrywise``
+        ``sum min(raw - denoised, raw - native)^+ / sum (raw - native)``: the true ambient counts removed,
+        entry by entry (removing native counts in one entry does not make up for ambient left in another).
     ``above_raw``
         fraction of entries where ``denoised > raw`` (counts that were never observed).
+    ``new_nonzeros``
+        fraction of entries where ``raw == 0`` but ``denoised > 0``.
     """
     raw, denoised, native = _dense(raw), _dense(denoised), _dense(native)
     if not raw.shape == denoised.shape == native.shape:
@@ -37,13 +42,16 @@ def denoising_metrics(
     l1_raw = float(np.abs(raw - native).sum())
     l1_denoised = float(np.abs(denoised - native).sum())
     ambient = float((raw - native).sum())
+    removed_ambient = float(np.clip(np.minimum(raw - denoised, raw - native), 0, None).sum())
     return {
         "l1_raw": l1_raw,
         "l1_denoised": l1_denoised,
         "l1_improvement": 1.0 - l1_denoised / l1_raw if l1_raw > 0 else float("nan"),
         "ambient_removed": float(raw.sum() - denoised.sum()) / ambient if ambient > 0 else float("nan"),
+        "ambient_removed_entrywise": removed_ambient / ambient if ambient > 0 else float("nan"),
         "native_retained": float(np.minimum(denoised, native).sum() / native.sum()),
         "above_raw": float((denoised > raw).mean()),
+        "new_nonzeros": float(((raw == 0) & (denoised > 0)).mean()),
     }
 
 

@@ -330,3 +330,38 @@ def test_expected_counts_match_simulated_ambient() -> None:
     # pooled over cells, expected and realised ambient counts per guide agree (Poisson noise, ~5%)
     pooled = np.asarray(adata.layers["ambient"].sum(axis=0)).ravel()
     assert np.corrcoef(E.sum(axis=0), pooled)[0, 1] > 0.95
+
+
+# ---------------------------------------------------------------- end to end through the SCAR model
+
+
+@pytest.mark.parametrize("dual_fraction", [0.0, 0.3])
+def test_trained_model_assigns_guides(dual_fraction):
+    from scar_jax import SCAR
+    from scar_jax.datasets import raw_droplets
+    from scar_jax.feature_datasets import simulate_feature_empty_droplets, simulate_guides
+
+    guides = simulate_guides(n_cells=1500, n_guides=30, dual_fraction=dual_fraction, seed=0)
+    raw = raw_droplets(guides, simulate_feature_empty_droplets(guides, n_droplets=5000, seed=1))
+    SCAR.setup_anndata(guides)
+    SCAR.get_ambient_profile(guides, raw, prob=0.5)
+    model = SCAR(guides, ambient_profile="ambient_profile", feature_type="sgRNA", n_latent=10)
+    assert model.config.sparsity == 1.0  # forced for sgRNA, as in the original
+    model.train(max_epochs=100, enable_progress_bar=False)
+    truth = guides.obs["true_guides"].to_numpy()
+    single = guides.obs["n_true_guides"].to_numpy() == 1
+
+    def accuracy(result):
+        pred = result["sgRNA"].map(lambda s: ",".join(sorted(s.split(","))) if s else "").to_numpy()
+        return (pred == truth)[single].mean(), (pred == truth)[~single].mean() if (~single).any() else None
+
+    original = model.assign_features()
+    assert list(original.index) == list(guides.obs_names)
+    assert set(original.columns) == {"sgRNA", "n_sgRNA", "count"}
+    single_acc, _ = accuracy(original)
+    assert single_acc >= 0.95, single_acc  # measured 1.000 on both data sets
+    if dual_fraction:
+        single_acc, dual_acc = accuracy(model.assign_features(moi=2, cutoff=30))
+        assert single_acc >= 0.95 and dual_acc >= 0.95, (single_acc, dual_acc)  # measured 1.000 and 0.998
+    log_bf = model.get_bayes_factors(log=True)
+    assert log_bf.shape == guides.shape and log_bf.min() >= -1e-9  # P(X <= x) >= P(X = x), up to rounding

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from . import ambient as _ambient
 from . import data as _data
+from . import features as _features
 from . import io as _io
 from . import posterior as _post
 from . import train as _train
@@ -64,6 +65,10 @@ class SCAR:
         with a warning if it does not.
     n_hidden, n_latent, n_layers, dropout_rate, gene_likelihood, latent_distribution, scale_activation, sparsity
         As in scvi-tools (defaults 150, 15, 2, 0.0, ``"b"``, ``"normal"``, ``"softplus_sp"``, 0.9).
+    feature_type
+        ``"mRNA"`` (default), ``"ADT"``, ``"sgRNA"``, ``"tag"``, ``"CMO"`` or ``"ATAC"`` (the original
+        scAR's feature types); sgRNA, tag and CMO force ``sparsity=1`` as the original does. Feature
+        barcodes are assigned with :meth:`get_bayes_factors` and :meth:`assign_features`.
     seed
         Seed of every random draw of this model (initialisation, split, minibatches, sampling).
     """
@@ -81,11 +86,14 @@ class SCAR:
         scale_activation: Literal["softmax", "softplus", "softplus_sp"] = "softplus_sp",
         sparsity: float = 0.9,
         *,
+        feature_type: str = "mRNA",
         seed: int = 0,
         **model_kwargs: Any,
     ) -> None:
         if model_kwargs:
             raise TypeError(f"SCAR() got unknown keyword arguments {sorted(model_kwargs)}")
+        self.feature_type = _features.check_feature_type(feature_type)
+        sparsity = _features.FORCED_SPARSITY.get(self.feature_type, sparsity)  # as the original scAR
         self.spec = _data.read_spec(adata)
         self.config = SCARConfig(
             n_genes=adata.n_vars,
@@ -461,6 +469,58 @@ class SCAR:
         adata.varm["ambient_profile"] = profile
         return profile
 
+    # ------------------------------------------------------------------ feature barcodes
+    def get_bayes_factors(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        batch_size: int | None = None,
+        adjust: Literal["micro", "global"] | None = "micro",
+        log: bool = False,
+    ) -> np.ndarray:
+        """Per cell and feature, the evidence that the count exceeds what ambient contamination explains.
+
+        ``BF = P(X <= x) / P(X = x)`` with ``X ~ Poisson(N * noise_ratio * a + adjustment)``, each cell with
+        its own batch's ambient profile ``a`` (the original scAR's rule and its ``"micro"``/``"global"``
+        adjustments; see :mod:`scar_jax.features`). Returns ``(n_cells, n_features)`` Bayes factors, or
+        their natural log with ``log=True``.
+        """
+        cells, rows = self._cells(adata, indices)
+        noise_ratio = self.get_noise_ratio(adata, indices, batch_size)
+        x = cells.x[rows]
+        library = np.asarray(x.sum(axis=1), np.float64).ravel()
+        fn = _features.log_bayes_factors if log else _features.bayes_factors
+        return fn(x, library, noise_ratio, self.ambient_profile, cells.batch_index[rows], adjust=adjust)
+
+    def assign_features(
+        self,
+        adata: anndata.AnnData | None = None,
+        cutoff: float = 3.0,
+        moi: int | None = None,
+        adjust: Literal["micro", "global"] | None = "micro",
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """Assign features (guides, hashtags, CMOs) to cells from their Bayes factors.
+
+        ``moi=None``: the original scAR's rule (Bayes factors below ``cutoff`` set to 0, the features tied
+        at each cell's maximum, none when it is 0). ``moi=k``: up to ``k`` features with Bayes factor >=
+        ``cutoff``, strongest first, for high-MOI or dual-guide experiments (the original raises
+        NotImplementedError). Returns a DataFrame indexed like ``adata.obs_names`` with the assigned
+        features (comma-joined), their number and their total observed count.
+        """
+        adata = self.adata if adata is None else adata
+        cells, _ = self._cells(adata, None)
+        bf = self.get_bayes_factors(adata, batch_size=batch_size, adjust=adjust)
+        return _features.assign_features(
+            bf,
+            cells.x,
+            np.asarray(adata.var_names),
+            cutoff=cutoff,
+            moi=moi,
+            obs_names=np.asarray(adata.obs_names),
+            feature_type=self.feature_type,
+        )
+
     # ------------------------------------------------------------------ persistence
     def save(
         self,
@@ -484,6 +544,7 @@ class SCAR:
             "spec": self.spec.to_dict(),
             "var_names": self.var_names.tolist(),
             "seed": self.seed,
+            "feature_type": self.feature_type,
             "ambient_profile_shape": list(self.ambient_profile.shape),
             "is_trained": self.is_trained,
             "history": self.history_rows,
@@ -525,6 +586,7 @@ class SCAR:
         model.spec, model.config, model.adata = spec, config, adata
         model.var_names = np.asarray(manifest["var_names"]).astype(str)
         model.seed = int(manifest["seed"])
+        model.feature_type = manifest.get("feature_type", "mRNA")
         init_key, model._train_key, model._predict_key = jax.random.split(jax.random.key(model.seed), 3)
         model._net = config.make_net()
         template_vars = init_variables(model._net, init_key, config.n_genes)

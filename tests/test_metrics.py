@@ -165,3 +165,23 @@ def test_pearson_hand_values():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))  # zero variance
+
+
+def test_oracle_share_is_the_true_posterior_of_the_simulation():
+    from scar_jax.datasets import simulate
+    from scar_jax.metrics import oracle_native_share, oracle_split
+
+    adata = simulate(n_cells=400, n_genes=30, n_batches=2, seed=1)
+    share = oracle_native_share(adata)
+    assert share.shape == adata.shape and share.min() >= 0 and share.max() <= 1
+    # genes the cell's type does not express are pure ambient: share 0
+    codes = adata.obs["cell_type"].cat.codes.to_numpy()
+    off = adata.varm["true_native_profile"][:, codes].T == 0
+    assert (share[off] == 0).all()
+    # given x, native ~ Binomial(x, share) exactly, and the split is an independent draw of the same law:
+    # their totals differ by 0 on average with variance 2 sum x share (1 - share); allow 4 sd
+    x = adata.X.toarray()
+    split = oracle_split(adata, seed=0)
+    assert (split <= x).all()
+    sd = np.sqrt(2 * (x * share * (1 - share)).sum())
+    assert abs(split.sum() - adata.layers["native"].sum()) < 4 * sd

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from scar_jax import SCAR
 from scar_jax.datasets import raw_droplets, simulate, simulate_empty_droplets
-from scar_jax.metrics import denoising_metrics, pearson, pseudobulk_l1
+from scar_jax.metrics import denoising_metrics, oracle_split, pearson, pseudobulk_l1
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +24,6 @@ def default_model():
     model = SCAR(adata, ambient_profile="ambient_profile")
     model.train(enable_progress_bar=False)
     return adata, model
-
-
-def oracle_split(adata, seed=0):
-    """Split each observed count by the TRUE posterior native share (true noise ratio, profiles)."""
-    x = adata.X.toarray()
-    eps = adata.obs["noise_ratio_parameter"].to_numpy()[:, None]
-    rho = adata.varm["true_native_profile"][:, adata.obs["cell_type"].cat.codes.to_numpy()].T
-    ambient = adata.varm["true_ambient_profile"][:, 0][None, :]
-    share = (1 - eps) * rho / ((1 - eps) * rho + eps * ambient)
-    return np.random.default_rng(seed).binomial(x.astype(np.int64), share)
 
 
 def split_scores(adata, denoised):

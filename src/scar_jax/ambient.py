@@ -94,7 +94,7 @@ def estimate_ambient_profile(
             f"only {len(droplets)} raw droplets have >= {min_raw_counts} counts in these genes; "
             "lower min_raw_counts or pass the unfiltered (raw) droplet matrix"
         )
-    x = raw[droplets]
+    x = raw if len(droplets) == raw.shape[0] else raw[droplets]
     profile = pooled_profile(x)
     threshold = x.shape[1] * np.log(prob)
     for _ in range(iterations):

@@ -87,6 +87,27 @@ def pd_factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, uniques
 
 
+def oracle_native_share(adata) -> np.ndarray:
+    """The true posterior native share of each count of data made by :func:`scar_jax.datasets.simulate`.
+
+    ``w_ig = (1 - eps_i) rho_{t(i) g} / ((1 - eps_i) rho_{t(i) g} + eps_i a_{b(i) g})`` with the true noise
+    ratio parameter, cell-type profile and batch ambient profile, ``(n_cells, n_genes)``. Splitting each
+    observed count with it (:func:`oracle_split`) is the best any count-preserving method can do.
+    """
+    eps = adata.obs["noise_ratio_parameter"].to_numpy()[:, None]
+    rho = adata.varm["true_native_profile"][:, adata.obs["cell_type"].cat.codes.to_numpy()].T
+    batches = adata.obs["batch"].cat.codes.to_numpy()
+    ambient = adata.varm["true_ambient_profile"][:, batches].T
+    native = (1.0 - eps) * rho
+    return native / (native + eps * ambient)
+
+
+def oracle_split(adata, seed: int = 0) -> np.ndarray:
+    """Binomial split of the observed counts with :func:`oracle_native_share`, seeded, ``(n_cells, n_genes)``."""
+    x = _dense(adata.X).astype(np.int64)
+    return np.random.default_rng(seed).binomial(x, oracle_native_share(adata)).astype(np.float64)
+
+
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation of two vectors."""
     return float(np.corrcoef(np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel())[0, 1])

@@ -442,7 +442,9 @@ class SCAR:
         if batch_key is None and _data.UNS_KEY in adata.uns:
             setup_key = _data.read_spec(adata).batch_key
             batch_key = setup_key if setup_key is not None and setup_key in raw_adata.obs else None
-        raw = _data.raw_counts(raw_adata)[:, genes]
+        raw = _data.raw_counts(raw_adata)
+        if not np.array_equal(genes, np.arange(raw.shape[1])):  # no copy when the genes already match
+            raw = raw[:, genes]
         chunk = max(1, -(-raw_adata.n_obs // max(1, int(n_batch))))
         if batch_key is None:
             groups = [np.arange(raw_adata.n_obs)]
@@ -462,7 +464,13 @@ class SCAR:
         profiles = []
         for rows in groups:
             estimate = _ambient.estimate_ambient_profile(
-                raw[rows], prob, min_raw_counts, iterations, sample, seed, chunk_size=min(chunk, 100_000)
+                raw if len(rows) == raw.shape[0] else raw[rows],
+                prob,
+                min_raw_counts,
+                iterations,
+                sample,
+                seed,
+                chunk_size=min(chunk, 100_000),
             )
             profiles.append(estimate.profile)
         profile = np.stack(profiles, axis=1)

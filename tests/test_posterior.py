@@ -328,3 +328,103 @@ def test_split_draws_are_binomial_subsets_of_the_observed_counts(model, adata):
     assert abs(den.sum() - (x * w).sum()) < 5 * sd
     median = model.get_denoised_counts(n_samples=4, seed=0).toarray()
     assert (median <= x).all() and np.array_equal(median, np.round(median))
+
+
+# ---------------------------------------------------------------- marginal likelihood, expression, sampling
+
+
+@pytest.fixture(scope="module")
+def tiny_latent():
+    """A 1-d latent model on low-count data: its exact marginal likelihood is a 1-d integral."""
+    ad = simulate(n_cells=300, n_genes=10, library_size_mean=30, seed=0)
+    scar_jax.SCAR.setup_anndata(ad)
+    m = scar_jax.SCAR(ad, n_hidden=16, n_latent=1)
+    m.train(max_epochs=150, enable_progress_bar=False)
+    return ad, m
+
+
+def exact_log_marginal(model, x: np.ndarray) -> np.ndarray:
+    """log p(x) = log int p(x | z) N(z; 0, 1) dz by the trapezoid-free Riemann sum on a fine grid."""
+    from scar_jax.vae import Outputs, likelihood
+
+    net, v = model._net, model._variables
+    xj = jnp.asarray(x)
+    batch = Batch(xj, xj.sum(1, keepdims=True), jnp.zeros(len(x), jnp.int32))
+    grid = jnp.linspace(-12.0, 12.0, 24001)  # spacing 1e-3; the posterior sd here is > 0.05
+
+    def log_joint(z):
+        zz = jnp.full((len(x), 1), z)
+        phi, eps, zi = net.apply(v, zz, method="decode")
+        out = Outputs(zz, zz, zz, phi, eps, zi, net.apply(v, method="dispersion"))
+        return likelihood(model.config, out, batch, jnp.asarray(model.ambient_profile)).log_prob(xj).sum(-1)
+
+    lp = jax.lax.map(log_joint, grid, batch_size=1000) + jax.scipy.stats.norm.logpdf(grid)[:, None]
+    return np.asarray(jax.scipy.special.logsumexp(lp, axis=0) + jnp.log(grid[1] - grid[0]))
+
+
+def test_marginal_ll_converges_to_the_exact_integral(tiny_latent):
+    ad, model = tiny_latent
+    rows = np.arange(6)
+    exact = exact_log_marginal(model, dense_x(ad)[rows])
+    estimate = model.get_marginal_ll(indices=rows, n_mc_samples=5000, return_mean=False)
+    np.testing.assert_allclose(estimate, exact, atol=0.25)  # measured |error| <= 0.16 nats at 2000 samples
+    # E_q[ELBO] <= log p(x): the ELBO averaged over 20 draws of z stays below the exact value
+    elbo = np.mean([model.get_elbo(indices=rows, return_mean=False, seed=s) for s in range(20)], axis=0)
+    assert (elbo <= exact + 0.05).all(), (elbo, exact)
+
+
+def test_marginal_ll_is_above_the_elbo_and_grows_with_samples(tiny_latent):
+    _, model = tiny_latent
+    few = model.get_marginal_ll(n_mc_samples=5, return_mean=True)
+    many = model.get_marginal_ll(n_mc_samples=500, return_mean=True)
+    assert many >= few >= model.get_elbo() - 0.5
+    # bounded memory: per-cell values do not depend on the chunk size
+    np.testing.assert_allclose(
+        model.get_marginal_ll(n_mc_samples=50, return_mean=False, batch_size=7),
+        model.get_marginal_ll(n_mc_samples=50, return_mean=False),
+        rtol=1e-5,
+    )
+
+
+def test_normalized_expression_rows_sum_to_library_size(model, adata):
+    frame = model.get_normalized_expression(library_size=1e4, n_samples=3)
+    assert list(frame.columns) == list(adata.var_names) and list(frame.index) == list(adata.obs_names)
+    np.testing.assert_allclose(frame.to_numpy().sum(1), 1e4, rtol=1e-4)
+    draws = model.get_normalized_expression(n_samples=4, return_mean=False)
+    assert draws.shape == (4, N_CELLS, N_GENES)
+    np.testing.assert_allclose(
+        draws.mean(0), model.get_normalized_expression(n_samples=4, return_numpy=True), rtol=1e-4
+    )
+    latent = model.get_normalized_expression(library_size="latent", return_numpy=True)
+    x = dense_x(adata)
+    noise = model.get_noise_ratio()
+    assert (latent.sum(1) <= x.sum(1) + 1e-2).all()  # expected native counts: N (1 - eps) sum phi
+    # (one draw of z against the noise ratio at the mean of z: close, not equal; measured r = 0.98)
+    assert np.corrcoef(latent.sum(1), x.sum(1) * (1 - noise))[0, 1] > 0.95
+    genes = list(adata.var_names[:3])
+    assert list(model.get_normalized_expression(gene_list=genes).columns) == genes
+    overall = model.get_normalized_expression(n_samples_overall=50, return_numpy=True)
+    assert overall.shape == (50, N_GENES)
+    with pytest.raises(ValueError, match="gene_list"):
+        model.get_normalized_expression(gene_list=["nope"])
+    with pytest.raises(ValueError, match="transform_batch"):
+        model.get_normalized_expression(transform_batch="nope")
+
+
+def test_posterior_predictive_matches_the_likelihood_moments(model, adata):
+    x = dense_x(adata)
+    params = model.get_likelihood_parameters(give_mean=True)
+    draws = model.posterior_predictive_sample(n_samples=1, seed=0)
+    assert sp.isspmatrix_csr(draws) and draws.shape == x.shape
+    many = model.posterior_predictive_sample(n_samples=30, seed=1)
+    assert many.shape == (N_CELLS, N_GENES, 30)
+    np.testing.assert_array_equal(many, np.round(many))
+    assert (many <= x.sum(1)[:, None, None]).all()  # binomial: each gene's draw is at most the library
+    # E[x_hat] = E_z[mean of p(x | z)]: the draws' average per gene matches the likelihood mean averaged over
+    # 30 draws of z (two Monte Carlo estimates of the same expectation)
+    mean_over_z = np.mean([model.get_likelihood_parameters(seed=s)["mean"] for s in range(30)], axis=0)
+    per_gene_draws, per_gene_mean = many.mean(axis=(0, 2)), mean_over_z.mean(0)
+    big = per_gene_mean > 1
+    np.testing.assert_allclose(per_gene_draws[big], per_gene_mean[big], rtol=0.05)
+    assert params["mean"].shape == x.shape
+    assert set(params) == {"mean"}  # binomial: no dispersion or dropout

@@ -104,7 +104,9 @@ def make_likelihood(
     match gene_likelihood:
         case "b":
             p = jnp.clip(probs, PROBS_EPS, 1.0 - PROBS_EPS)
-            return dist.BinomialLogits(logits=jnp.log(p) - jnp.log1p(-p), total_count=library)
+            # integer total count (exact below 2**24 counts), so that the law can also be sampled
+            total_count = jnp.round(library).astype(jnp.int32)
+            return dist.BinomialLogits(logits=jnp.log(p) - jnp.log1p(-p), total_count=total_count)
         case "poisson":
             return dist.Poisson(rate=library * probs)
         case "nb":

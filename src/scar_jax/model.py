@@ -52,6 +52,12 @@ def _select_device(accelerator: str, devices: int | str | list[int]) -> jax.Devi
     return available[index]
 
 
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 class SCAR:
     """Ambient RNA removal (scAR, Sheng et al. 2022) in JAX, with the ``scvi.external.SCAR`` API.
 
@@ -349,6 +355,180 @@ class SCAR:
             raise ValueError("dataloader is not supported; pass adata and indices")
         rec, _ = self._elbo_terms(adata, indices, batch_size, seed)
         return {"reconstruction_loss": float(-rec.mean()) if return_mean else -rec}
+
+    # ------------------------------------------------------------------ likelihood, expression, sampling
+    def get_marginal_ll(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        n_mc_samples: int = 1000,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        dataloader: Any = None,
+        *,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> float | np.ndarray:
+        """Marginal log-likelihood ``log p(x)`` per cell by importance sampling with q(z | x) as proposal.
+
+        Unlike scvi-tools, ``log p(x | z)`` is the full likelihood of the model (native + ambient mixture),
+        not the native part alone. Samples are evaluated one at a time inside the compiled chunk, so
+        memory does not grow with ``n_mc_samples`` (beyond an ``(n_mc_samples, batch_size)`` matrix of
+        log weights). ``batch_size`` defaults to 256 cells here.
+        """
+        if kwargs:
+            raise TypeError(f"get_marginal_ll() got unknown keyword arguments {sorted(kwargs)}")
+        if dataloader is not None:
+            raise ValueError("dataloader is not supported; pass adata and indices")
+        n = _positive_int(n_mc_samples, "n_mc_samples")
+        cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
+        fn = lambda b, k: _post.log_marginal_likelihood(cfg, v, b, ambient, n, k)  # noqa: E731
+        values = self._map(fn, adata, indices, batch_size or 256, seed)[0]
+        return float(values.mean()) if return_mean else values
+
+    def get_latent_library_size(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+        dataloader: Any = None,
+        **data_loader_kwargs: Any,
+    ) -> np.ndarray:
+        """Library size of each cell, ``(n_cells, 1)``: SCAR uses the observed library (total counts)."""
+        cells, rows = self._cells(adata, indices)
+        return np.asarray(cells.x[rows].sum(axis=1), np.float32).reshape(-1, 1)
+
+    def get_normalized_expression(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        transform_batch: Any = None,
+        gene_list: list[str] | None = None,
+        library_size: float | Literal["latent"] = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: Literal["uniform", "importance"] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        *,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> np.ndarray | pd.DataFrame:
+        """Normalized native expression: the native frequencies ``phi`` times ``library_size``.
+
+        Rows sum to ``library_size`` (the ambient part removed and the native part renormalised), or, with
+        ``library_size="latent"``, the expected native counts ``N (1 - noise_ratio) phi``. Averaged over
+        ``n_samples`` draws of z (``return_mean``) or returned per draw ``(n_samples, n_cells, n_genes)``;
+        ``n_samples_overall`` draws of random cells give ``(n_samples_overall, n_genes)``. SCAR's networks
+        have no batch covariate, so ``transform_batch`` only accepts the setup's batch categories and does
+        not change the result. Returns a DataFrame (genes as columns) unless ``return_numpy`` or
+        ``n_samples > 1`` with ``return_mean=False``.
+        """
+        if kwargs:
+            raise TypeError(f"get_normalized_expression() got unknown keyword arguments {sorted(kwargs)}")
+        if weights not in (None, "uniform"):
+            raise ValueError("weights must be None or 'uniform' (importance weights are not implemented yet)")
+        self._check_transform_batch(transform_batch)
+        latent = isinstance(library_size, str)
+        if latent and library_size != "latent":
+            raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}")
+        n = _positive_int(n_samples, "n_samples")
+        cells, rows = self._cells(adata, indices)
+        if n_samples_overall is not None:
+            total = _positive_int(n_samples_overall, "n_samples_overall")
+            rows = np.random.default_rng(seed).choice(rows, size=total, replace=True)
+            n, return_mean = 1, True
+        genes = self._gene_mask(gene_list)
+        cfg, v = self.config, self._variables
+
+        def fn(b, k):
+            out = _post.native_expression_samples(cfg, v, b, n, latent, return_mean, k)
+            return out if return_mean else jnp.moveaxis(out, 0, 1)  # cells first for chunking
+
+        key = jax.random.fold_in(self._predict_key, seed)
+        values = _post.map_chunks(fn, cells, rows, batch_size or 1024, key)[0]
+        values = values[..., genes] * (1.0 if latent else float(library_size))
+        if not return_mean and n > 1:
+            return np.moveaxis(values, 1, 0)
+        if return_numpy:
+            return values
+        names = np.asarray(self.var_names)[genes]
+        source = self.adata if adata is None else adata
+        index = None if n_samples_overall is not None else np.asarray(source.obs_names)[rows]
+        return pd.DataFrame(values, columns=names, index=index)
+
+    def get_likelihood_parameters(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+        dataloader: Any = None,
+        *,
+        seed: int = 0,
+        **data_loader_kwargs: Any,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of p(x | z) (the full ambient mixture): ``mean`` ``(n_cells, n_genes)``, and for NB/ZINB
+        ``dispersions`` (theta) and for ZINB ``dropout`` (zero-inflation probability).
+
+        ``give_mean=True`` decodes the posterior mean of z; otherwise one draw of z (``n_samples`` must be 1).
+        """
+        if _positive_int(n_samples, "n_samples") != 1:
+            raise ValueError("n_samples > 1 is not supported; call repeatedly with different seeds")
+        cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
+        fn = lambda b, k: _post.likelihood_parameters(cfg, v, b, ambient, bool(give_mean), k)  # noqa: E731
+        mean, theta, dropout = self._map(fn, adata, indices, batch_size, seed)
+        out = {"mean": mean}
+        if cfg.gene_likelihood in ("nb", "zinb"):
+            out["dispersions"] = theta
+        if cfg.gene_likelihood == "zinb":
+            out["dropout"] = dropout
+        return out
+
+    def posterior_predictive_sample(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        n_samples: int = 1,
+        gene_list: list[str] | None = None,
+        batch_size: int | None = None,
+        *,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> sp.csr_matrix | np.ndarray:
+        """Draws of x̂ ~ p(x̂ | z), z ~ q(z | x): CSR ``(n_cells, n_genes)`` for one sample, else a dense
+        ``(n_cells, n_genes, n_samples)`` array (scvi-tools returns a sparse COO array there).
+
+        The likelihood is the model's full one (native + ambient), i.e. data like the observed counts.
+        """
+        if kwargs:
+            raise TypeError(f"posterior_predictive_sample() got unknown keyword arguments {sorted(kwargs)}")
+        n = _positive_int(n_samples, "n_samples")
+        genes = self._gene_mask(gene_list)
+        cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
+        fn = lambda b, k: jnp.moveaxis(_post.posterior_predictive(cfg, v, b, ambient, n, k), 0, -1)  # noqa: E731
+        values = self._map(fn, adata, indices, batch_size, seed)[0][:, genes, :]
+        return sp.csr_matrix(values[..., 0]) if n == 1 else values
+
+    def _gene_mask(self, gene_list: list[str] | None) -> np.ndarray:
+        if gene_list is None:
+            return np.ones(len(self.var_names), bool)
+        mask = np.isin(self.var_names, np.asarray(gene_list, dtype=str))
+        missing = sorted(set(gene_list) - set(self.var_names[mask]))
+        if missing:
+            raise ValueError(f"gene_list has genes that are not in the model: {missing[:5]}")
+        return mask
+
+    def _check_transform_batch(self, transform_batch: Any) -> None:
+        values = [] if transform_batch is None else np.atleast_1d(transform_batch)
+        for value in values:
+            if str(value) not in self.spec.batch_categories and not (
+                isinstance(value, int | np.integer) and 0 <= value < len(self.spec.batch_categories)
+            ):
+                raise ValueError(f"transform_batch {value!r} is not a batch category {self.spec.batch_categories}")
 
     # ------------------------------------------------------------------ denoising
     def get_noise_ratio(

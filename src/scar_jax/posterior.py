@@ -18,8 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from .likelihoods import mixture_probs
 from .nets import SCARNet
-from .vae import Batch, SCARConfig, cell_ambient_profile, forward, kl_local, likelihood, standard_normal_noise
+from .vae import (
+    Batch,
+    Outputs,
+    SCARConfig,
+    cell_ambient_profile,
+    forward,
+    kl_local,
+    likelihood,
+    standard_normal_noise,
+)
 
 
 class HostCells(NamedTuple):
@@ -190,3 +200,119 @@ def map_chunks(
     if sparse_output:
         return [sp.vstack([d[i] for d in done], format="csr") for i in range(n_outputs)]
     return [np.concatenate([d[i] for d in done]) for i in range(n_outputs)]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def log_marginal_likelihood(
+    config: SCARConfig,
+    variables: dict[str, Any],
+    batch: Batch,
+    ambient_profile: jax.Array,
+    n_mc_samples: int,
+    cell_keys: jax.Array,
+) -> jax.Array:
+    """Importance-sampling estimate of ``log p(x)`` per cell, ``(n,)``, with q(z | x) as proposal.
+
+    .. code-block:: text
+
+        log p(x) ~= logsumexp_s [log p(x | z_s) + log N(z_s; 0, I) - log q(z_s | x)] - log S
+
+    ``log p(x | z)`` is the full likelihood (native + ambient mixture). Samples are evaluated one at a
+    time (``lax.map``), so memory holds ``(n, G)`` arrays and an ``(S, n)`` matrix of log weights only.
+    """
+    net = _net(config)
+    z_mean, z_var = net.apply(variables, batch.x, method="encode")
+    z_sd = jnp.sqrt(z_var)
+
+    def log_weight(s):
+        keys = jax.vmap(jax.random.fold_in, (0, None))(cell_keys, s)
+        z = z_mean + z_sd * standard_normal_noise(keys, batch.x.shape[0], config.n_latent)
+        native_frequencies, noise_ratio, zi_logits = net.apply(variables, z, method="decode")
+        theta = net.apply(variables, method="dispersion")
+        out = Outputs(z_mean, z_var, z, native_frequencies, noise_ratio, zi_logits, theta)
+        log_px = likelihood(config, out, batch, ambient_profile).log_prob(batch.x).sum(-1)
+        log_pz = jax.scipy.stats.norm.logpdf(z).sum(-1)
+        log_qz = jax.scipy.stats.norm.logpdf(z, z_mean, z_sd).sum(-1)
+        return log_px + log_pz - log_qz
+
+    log_w = jax.lax.map(log_weight, jnp.arange(n_mc_samples))  # (S, n)
+    return jax.scipy.special.logsumexp(log_w, axis=0) - jnp.log(n_mc_samples)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def native_expression_samples(
+    config: SCARConfig,
+    variables: dict[str, Any],
+    batch: Batch,
+    n_samples: int,
+    latent_library: bool,
+    return_mean: bool,
+    cell_keys: jax.Array,
+) -> jax.Array:
+    """Normalized native expression from ``n_samples`` draws of z: ``(n, G)`` mean or ``(S, n, G)``.
+
+    ``phi`` (the native frequencies, rows sum to 1) or, with ``latent_library``, the expected native
+    counts ``N (1 - eps) phi``.
+    """
+
+    def one_draw(s):
+        keys = jax.vmap(jax.random.fold_in, (0, None))(cell_keys, s)
+        out, _ = forward(_net(config), variables, batch.x, keys, train=False)
+        if latent_library:
+            return batch.library * (1.0 - out.noise_ratio) * out.native_frequencies
+        return out.native_frequencies
+
+    if return_mean:
+        total = jax.lax.fori_loop(0, n_samples, lambda s, acc: acc + one_draw(s), jnp.zeros_like(batch.x))
+        return total / n_samples
+    return jax.lax.map(one_draw, jnp.arange(n_samples))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def posterior_predictive(
+    config: SCARConfig,
+    variables: dict[str, Any],
+    batch: Batch,
+    ambient_profile: jax.Array,
+    n_samples: int,
+    cell_keys: jax.Array,
+) -> jax.Array:
+    """``(S, n, G)`` draws of x from p(x | z) (the full ambient mixture likelihood), z ~ q(z | x) each."""
+
+    def one_draw(s):
+        keys = jax.vmap(jax.random.fold_in, (0, None))(cell_keys, s)
+        out, _ = forward(_net(config), variables, batch.x, keys, train=False)
+        sample_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 3)
+
+        def one_cell(key, row_out, row_batch):  # per-cell keys: draws do not depend on the chunking
+            row_out = jax.tree.map(lambda a: a[None], row_out)
+            law = likelihood(config, row_out, jax.tree.map(lambda a: a[None], row_batch), ambient_profile)
+            return law.sample(key)[0]
+
+        return jax.vmap(one_cell)(
+            sample_keys, out._replace(theta=jnp.broadcast_to(out.theta, out.zi_logits.shape)), batch
+        ).astype(jnp.float32)
+
+    return jax.lax.map(one_draw, jnp.arange(n_samples))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def likelihood_parameters(
+    config: SCARConfig,
+    variables: dict[str, Any],
+    batch: Batch,
+    ambient_profile: jax.Array,
+    give_mean: bool,
+    cell_keys: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mean ``l * p`` of p(x | z) ``(n, G)``, dispersion ``theta`` ``(n, G)`` and zero-inflation probability.
+
+    One draw of z (``give_mean=False``) or the posterior mean of z (``give_mean=True``).
+    """
+    net = _net(config)
+    z_mean, z_var = net.apply(variables, batch.x, method="encode")
+    z = z_mean if give_mean else z_mean + jnp.sqrt(z_var) * standard_normal_noise(cell_keys, *z_mean.shape)
+    native_frequencies, noise_ratio, zi_logits = net.apply(variables, z, method="decode")
+    probs = mixture_probs(native_frequencies, noise_ratio, cell_ambient_profile(ambient_profile, batch.batch_index))
+    theta = jnp.broadcast_to(net.apply(variables, method="dispersion"), probs.shape)
+    return batch.library * probs, theta, jax.nn.sigmoid(zi_logits)

@@ -333,3 +333,30 @@ def test_training_again_continues_from_the_current_weights():
     model.train(max_epochs=2, batch_size=64, enable_progress_bar=False)  # the donated state must not be reused
     assert not all(np.array_equal(x, y) for x, y in zip(first, _leaves(model), strict=True))
     assert np.isfinite(model.get_elbo())
+
+
+def test_setup_record_api(capsys):
+    adata = simulate(n_cells=100, n_genes=20, n_batches=2, seed=5)
+    adata.obs["sf"] = 1.0
+    SCAR.setup_anndata(adata, batch_key="batch", labels_key="cell_type", size_factor_key="sf")
+    model = SCAR(adata, gene_likelihood="poisson", **SMALL)
+    assert model.get_setup_arg("batch_key") == "batch" and model.get_setup_arg("layer") is None
+    with pytest.raises(ValueError, match="setup_arg"):
+        model.get_setup_arg("nope")
+    assert model.get_state_registry("batch")["categorical_mapping"] == ["batch_0", "batch_1"]
+    np.testing.assert_array_equal(
+        model.get_from_registry(adata, "batch").ravel(), adata.obs["batch"].cat.codes.to_numpy()
+    )
+    np.testing.assert_array_equal(
+        model.get_from_registry(adata, "labels").ravel(), adata.obs["cell_type"].cat.codes.to_numpy()
+    )
+    assert (model.get_from_registry(adata, "X") != adata.X).nnz == 0
+    assert model.data_registry["batch"] == {"attr_name": "obs", "attr_key": "batch"}
+    model.view_setup_args()
+    model.view_anndata_setup()
+    out = capsys.readouterr().out
+    assert "batch_key: batch" in out and "['batch_0', 'batch_1']" in out
+    model.to_device("cpu")
+    assert model.device.platform == "cpu"
+    model.to_device(0)
+    assert model.device == jax.devices()[0]

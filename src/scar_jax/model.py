@@ -798,6 +798,94 @@ class SCAR:
         model.test_indices = np.asarray(split["test"], np.int64)
         return model
 
+    # ------------------------------------------------------------------ setup record (scvi-tools names)
+    def view_anndata_setup(self, adata: anndata.AnnData | None = None, hide_state_registries: bool = False) -> None:
+        """Print what ``setup_anndata`` recorded (layer, keys, categories) for ``adata`` (default: the model's)."""
+        spec = self.spec if adata is None else _data.read_spec(adata)
+        print(self._setup_table(spec))
+
+    def view_setup_args(self) -> None:
+        """Print the ``setup_anndata`` arguments of the model."""
+        print(self._setup_table(self.spec))
+
+    def get_setup_arg(self, setup_arg: str) -> Any:
+        """One ``setup_anndata`` argument (``layer``, ``batch_key``, ``labels_key``, ``size_factor_key``)."""
+        args = self._setup_args(self.spec)
+        if setup_arg not in args:
+            raise ValueError(f"setup_arg must be one of {sorted(args)}, got {setup_arg!r}")
+        return args[setup_arg]
+
+    def get_state_registry(self, registry_key: str) -> dict[str, Any]:
+        """The categories recorded for ``"batch"`` or ``"labels"`` (scvi-tools' state registry, simplified)."""
+        registries = {
+            "batch": {"categorical_mapping": list(self.spec.batch_categories), "original_key": self.spec.batch_key},
+            "labels": {"categorical_mapping": list(self.spec.labels_categories), "original_key": self.spec.labels_key},
+        }
+        if registry_key not in registries:
+            raise ValueError(f"registry_key must be one of {sorted(registries)}, got {registry_key!r}")
+        return registries[registry_key]
+
+    def get_from_registry(self, adata: anndata.AnnData, registry_key: str) -> np.ndarray:
+        """The data the model reads for ``"X"``, ``"batch"`` (codes), ``"labels"`` (codes) or ``"size_factor"``."""
+        spec = self.spec
+        if registry_key == "X":
+            return _data.get_counts(adata, spec)
+        if registry_key == "batch":
+            return _data.batch_index(adata, spec).reshape(-1, 1)
+        if registry_key == "labels":
+            if spec.labels_key is None:
+                return np.zeros((adata.n_obs, 1), np.int32)
+            codes = pd.Categorical(adata.obs[spec.labels_key].astype(str), categories=list(spec.labels_categories))
+            return np.asarray(codes.codes, np.int32).reshape(-1, 1)
+        if registry_key == "size_factor" and spec.size_factor_key is not None:
+            return np.asarray(adata.obs[spec.size_factor_key], np.float32).reshape(-1, 1)
+        raise ValueError(
+            f"registry_key must be 'X', 'batch', 'labels' or 'size_factor' (if set up), got {registry_key!r}"
+        )
+
+    @property
+    def data_registry(self) -> dict[str, dict[str, str | None]]:
+        """Where each field is read from in the AnnData (scvi-tools' data registry, simplified)."""
+        spec = self.spec
+        return {
+            "X": {"attr_name": "X" if spec.layer is None else "layers", "attr_key": spec.layer},
+            "batch": {"attr_name": "obs", "attr_key": spec.batch_key},
+            "labels": {"attr_name": "obs", "attr_key": spec.labels_key},
+            "size_factor": {"attr_name": "obs", "attr_key": spec.size_factor_key},
+        }
+
+    @property
+    def device(self) -> jax.Device:
+        """The JAX device holding the model's parameters."""
+        return next(iter(jax.tree.leaves(self._variables)[0].devices()))
+
+    def to_device(self, device: str | int | jax.Device) -> None:
+        """Move the parameters to a JAX device: a ``jax.Device``, a platform (``"cpu"``, ``"gpu"``, ``"cuda:1"``) or
+        an index into ``jax.devices()``."""
+        if isinstance(device, str):
+            platform, _, index = device.partition(":")
+            target = _select_device(platform, int(index) if index else "auto")
+        elif isinstance(device, int | np.integer):
+            target = _select_device("auto", int(device))
+        else:
+            target = device
+        self._variables = jax.device_put(self._variables, target)
+
+    @staticmethod
+    def _setup_args(spec: _data.AnnDataSpec) -> dict[str, Any]:
+        return {
+            "layer": spec.layer,
+            "batch_key": spec.batch_key,
+            "labels_key": spec.labels_key,
+            "size_factor_key": spec.size_factor_key,
+        }
+
+    def _setup_table(self, spec: _data.AnnDataSpec) -> str:
+        rows = [f"{k}: {v}" for k, v in self._setup_args(spec).items()]
+        rows.append(f"batch categories ({len(spec.batch_categories)}): {list(spec.batch_categories)}")
+        rows.append(f"labels categories ({len(spec.labels_categories)}): {list(spec.labels_categories)}")
+        return "SCAR setup (adata.uns['_scar_jax'])\n  " + "\n  ".join(rows)
+
     # ------------------------------------------------------------------ display
     @property
     def summary_string(self) -> str:

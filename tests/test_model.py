@@ -360,3 +360,36 @@ def test_setup_record_api(capsys):
     assert model.device.platform == "cpu"
     model.to_device(0)
     assert model.device == jax.devices()[0]
+
+
+def test_checkpoints_resume_to_the_uninterrupted_result(tmp_path):
+    adata = simulate(n_cells=200, n_genes=30, seed=5)
+    SCAR.setup_anndata(adata)
+    full = SCAR(adata, **SMALL)
+    full.train(
+        max_epochs=6, batch_size=64, enable_progress_bar=False, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=2
+    )
+    # an interrupted run: 4 of the 6 epochs, checkpointed; a fresh process resumes from the directory
+    SCAR(adata, **SMALL).train(
+        max_epochs=4, batch_size=64, enable_progress_bar=False, checkpoint_dir=str(tmp_path / "b"), checkpoint_every=2
+    )
+    resumed = SCAR(adata, **SMALL)
+    resumed.train(max_epochs=6, batch_size=64, enable_progress_bar=False, checkpoint_dir=str(tmp_path / "b"))
+    assert all(np.array_equal(x, y) for x, y in zip(_leaves(full), _leaves(resumed), strict=True))
+    assert [r["epoch"] for r in resumed.history_rows] == list(range(6))
+    assert resumed.history_rows[-1]["train_loss_epoch"] == full.history_rows[-1]["train_loss_epoch"]
+    loaded = SCAR.load(str(tmp_path / "a"), adata)  # a checkpoint is an ordinary save
+    assert all(np.array_equal(x, y) for x, y in zip(_leaves(full), _leaves(loaded), strict=True))
+    other = SCAR(adata, seed=3, **SMALL)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        other.train(max_epochs=6, batch_size=64, enable_progress_bar=False, checkpoint_dir=str(tmp_path / "b"))
+
+
+def test_divergence_stops_with_the_epoch_and_keeps_the_last_good_parameters():
+    adata = simulate(n_cells=200, n_genes=30, seed=5)
+    SCAR.setup_anndata(adata)
+    model = SCAR(adata, **SMALL)
+    with pytest.raises(FloatingPointError, match="epoch") as info:
+        model.train(max_epochs=50, batch_size=64, enable_progress_bar=False, plan_kwargs={"lr": 1e36})
+    assert "initial parameters are kept" in str(info.value)  # this learning rate diverges in epoch 0
+    assert all(np.isfinite(leaf).all() for leaf in _leaves(model)) and not model.is_trained

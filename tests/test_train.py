@@ -174,3 +174,23 @@ def test_early_stopping_stops_after_patience(setup):
             early_stopping=train.EarlyStopping("elbo_validation"),
             progress_bar=False,
         )
+
+
+def test_divergence_keeps_the_last_good_epoch(setup):
+    """A NaN injected into the parameters after epoch 2: fit stops there and hands back epoch 1's state."""
+    _, _, data, ambient, _, epoch_fn, rows, fresh_state = setup
+    calls = []
+
+    def poisoned_epoch(state, *args):
+        state, sums = epoch_fn(state, *args)
+        calls.append(1)
+        if len(calls) == 3:
+            state = state.replace(params=jax.tree.map(lambda a: a * jnp.nan, state.params))
+        return state, sums
+
+    reference, _ = train.fit(epoch_fn, None, fresh_state(), data, rows, None, ambient, max_epochs=2, progress_bar=False)
+    with pytest.raises(train.TrainingDiverged, match="epoch 2") as info:
+        train.fit(poisoned_epoch, None, fresh_state(), data, rows, None, ambient, max_epochs=5, progress_bar=False)
+    assert len(info.value.rows) == 2 and "those of epoch 1 are kept" in str(info.value)
+    for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(info.value.state.params), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -91,6 +91,12 @@ def write_model_dir(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def has_model(dir_path: str | os.PathLike, prefix: str | None = None) -> bool:
+    """Whether ``dir_path`` holds a scar-jax save (its manifest and state files)."""
+    manifest_name, state_name, _ = file_names(prefix)
+    return (Path(dir_path) / manifest_name).is_file() and (Path(dir_path) / state_name).is_file()
+
+
 def read_model_dir(dir_path: str | os.PathLike, prefix: str | None = None) -> tuple[dict[str, Any], bytes, Path]:
     """Read and check a model directory; returns the manifest, the state bytes and the AnnData path."""
     from . import __version__

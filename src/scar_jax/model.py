@@ -163,6 +163,9 @@ class SCAR:
         plan_kwargs: dict | None = None,
         datamodule: Any = None,
         trainer_config: dict | None = None,
+        *,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 10,
         **trainer_kwargs: Any,
     ) -> None:
         """Train the model (scvi-tools arguments and defaults).
@@ -175,6 +178,13 @@ class SCAR:
         compiled call; ``load_sparse_tensor`` is accepted for compatibility (sparse input is always
         kept sparse on the device and densified per minibatch). Training again continues from the
         current weights with a fresh optimizer, as in scvi-tools.
+
+        Beyond scvi-tools: with ``checkpoint_dir``, the full training state (parameters, optimizer,
+        step, history) is saved atomically every ``checkpoint_every`` epochs and at the end; calling
+        ``train`` again with the same ``checkpoint_dir`` (e.g. after a crash) resumes from the last
+        checkpoint and gives the same result as an uninterrupted run. If the loss or the parameters
+        become NaN or infinite, training stops with ``FloatingPointError`` naming the epoch, and the
+        model keeps the parameters of the last good epoch.
         """
         if datamodule is not None:
             raise ValueError("datamodule is not supported: scar-jax trains from the AnnData given to SCAR()")
@@ -215,6 +225,19 @@ class SCAR:
         variables = jax.tree.map(lambda a: jnp.array(a, copy=True), jax.device_put(self._variables, device))
         key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(self._train_key), copy=True))
         state = _train.init_train_state(variables, tx, key)
+        previous_rows: list[dict[str, float]] = []
+        if checkpoint_dir is not None and _io.has_model(checkpoint_dir):
+            state, previous_rows = self._resume(checkpoint_dir, state, (train_idx, val_idx, test_idx))
+            state = jax.device_put(state, device)
+        on_epoch_end = None
+        if checkpoint_dir is not None:
+            every = _positive_int(checkpoint_every, "checkpoint_every")
+            split_rows = (train_idx, val_idx, test_idx)
+
+            def on_epoch_end(epoch, state, rows):
+                if (epoch + 1) % every == 0 or epoch + 1 == max_epochs:
+                    self._write(checkpoint_dir, state, rows, split_rows, is_trained=True, overwrite=True)
+
         stopper = None
         if early_stopping:
             stopper = _train.EarlyStopping(
@@ -223,21 +246,31 @@ class SCAR:
                 float(trainer.get("early_stopping_min_delta", 0.0)),
             )
         start = time.perf_counter()
-        state, rows = _train.fit(
-            train_epoch,
-            evaluate,
-            state,
-            resident,
-            jax.device_put(jnp.asarray(train_idx, jnp.int32), device),
-            jax.device_put(jnp.asarray(val_idx, jnp.int32), device),
-            jax.device_put(jnp.asarray(self.ambient_profile), device),
-            max_epochs=int(max_epochs),
-            n_epochs_kl_warmup=plan.get("n_epochs_kl_warmup", 400),
-            max_kl_weight=float(plan.get("max_kl_weight", 1.0)),
-            min_kl_weight=float(plan.get("min_kl_weight", 0.0)),
-            early_stopping=stopper,
-            progress_bar=bool(trainer.get("enable_progress_bar", True)),
-        )
+        try:
+            state, rows = _train.fit(
+                train_epoch,
+                evaluate,
+                state,
+                resident,
+                jax.device_put(jnp.asarray(train_idx, jnp.int32), device),
+                jax.device_put(jnp.asarray(val_idx, jnp.int32), device),
+                jax.device_put(jnp.asarray(self.ambient_profile), device),
+                max_epochs=int(max_epochs),
+                n_epochs_kl_warmup=plan.get("n_epochs_kl_warmup", 400),
+                max_kl_weight=float(plan.get("max_kl_weight", 1.0)),
+                min_kl_weight=float(plan.get("min_kl_weight", 0.0)),
+                early_stopping=stopper,
+                progress_bar=bool(trainer.get("enable_progress_bar", True)),
+                first_epoch=len(previous_rows),
+                previous_rows=previous_rows,
+                on_epoch_end=on_epoch_end,
+            )
+        except _train.TrainingDiverged as err:
+            if err.rows:  # keep the last good epoch's parameters
+                self._state, self._variables, self.history_rows = err.state, err.state.variables, err.rows
+                self.train_indices, self.validation_indices, self.test_indices = train_idx, val_idx, test_idx
+                self.is_trained = True
+            raise
         jax.block_until_ready(state.params)
         self.training_time_s = time.perf_counter() - start
         self._state, self._variables = state, state.variables
@@ -719,13 +752,29 @@ class SCAR:
         save_kwargs: dict | None = None,
         **anndata_write_kwargs: Any,
     ) -> None:
-        """Save the model (atomically) to ``dir_path``; with ``save_anndata`` also the AnnData."""
+        """Save the model (atomically) to ``dir_path``; with ``save_anndata`` also the AnnData.
+
+        Unlike scvi-tools, the optimizer state, step and history are saved too, so training can resume.
+        """
+        state = self._state
+        if state is None:  # untrained or imported: a state with a fresh optimizer keeps one file format
+            state = _train.init_train_state(self._variables, _train.make_optimizer(), self._train_key)
+        split = (self.train_indices, self.validation_indices, self.test_indices)
+        self._write(dir_path, state, self.history_rows, split, self.is_trained, overwrite, prefix, save_anndata)
+
+    def _write(
+        self,
+        dir_path: str,
+        state: _train.TrainState,
+        rows: list[dict[str, float]],
+        split: tuple[np.ndarray, np.ndarray, np.ndarray],
+        is_trained: bool,
+        overwrite: bool,
+        prefix: str | None = None,
+        save_anndata: bool = False,
+    ) -> None:
         from . import __version__
 
-        state = self._state
-        if state is None:  # untrained: a state with a fresh optimizer keeps one file format
-            tx = _train.make_optimizer()
-            state = _train.init_train_state(self._variables, tx, self._train_key)
         manifest = {
             "scar_jax_version": __version__,
             "config": dataclasses.asdict(self.config),
@@ -734,14 +783,10 @@ class SCAR:
             "seed": self.seed,
             "feature_type": self.feature_type,
             "ambient_profile_shape": list(self.ambient_profile.shape),
-            "is_trained": self.is_trained,
-            "history": self.history_rows,
+            "is_trained": is_trained,
+            "history": rows,
             "training_time_s": self.training_time_s,
-            "split": {
-                "train": self.train_indices.tolist(),
-                "validation": self.validation_indices.tolist(),
-                "test": self.test_indices.tolist(),
-            },
+            "split": {"train": split[0].tolist(), "validation": split[1].tolist(), "test": split[2].tolist()},
         }
         _io.write_model_dir(
             dir_path,
@@ -751,6 +796,29 @@ class SCAR:
             overwrite=overwrite,
             adata=self.adata if save_anndata else None,
         )
+
+    def _resume(
+        self, checkpoint_dir: str, template: _train.TrainState, split: tuple[np.ndarray, ...]
+    ) -> tuple[_train.TrainState, list[dict[str, float]]]:
+        """The train state and history of a checkpoint of this same model and data."""
+        manifest, state_bytes, _ = _io.read_model_dir(checkpoint_dir)
+        same = (
+            manifest["config"] == dataclasses.asdict(self.config)
+            and manifest["seed"] == self.seed
+            and manifest["var_names"] == self.var_names.tolist()
+            and all(
+                np.array_equal(np.asarray(manifest["split"][k], np.int64), rows)
+                for k, rows in zip(("train", "validation", "test"), split, strict=True)
+            )
+        )
+        if not same:
+            raise ValueError(
+                f"checkpoint_dir {checkpoint_dir} holds a different model or data split (configuration, seed, genes "
+                "or train_size); use another checkpoint_dir or delete it"
+            )
+        ambient = np.zeros(tuple(manifest["ambient_profile_shape"]), np.float32)
+        state, _ = _io.state_from_bytes(template, ambient, state_bytes)
+        return state, manifest["history"]
 
     @classmethod
     def load(

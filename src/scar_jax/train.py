@@ -256,6 +256,19 @@ def epoch_metrics(sums: EpochSums, suffix: str) -> dict[str, float]:
     }
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss or the parameters became NaN or infinite; ``state`` and ``rows`` are the last good ones."""
+
+    def __init__(self, message: str, state: TrainState, rows: list[dict[str, float]]):
+        super().__init__(message)
+        self.state, self.rows = state, rows
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when every leaf of ``tree`` is finite (one device reduction)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
 def fit(
     train_epoch: Callable[..., tuple[TrainState, EpochSums]],
     evaluate: Callable[..., EpochSums] | None,
@@ -272,43 +285,64 @@ def fit(
     min_kl_weight: float = 0.0,
     early_stopping: EarlyStopping | None = None,
     progress_bar: bool = True,
+    previous_rows: list[dict[str, float]] | None = None,
+    on_epoch_end: Callable[[int, TrainState, list[dict[str, float]]], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
-    """Run epochs ``first_epoch .. max_epochs - 1``; returns the final state and one metrics row per epoch.
+    """Run epochs ``first_epoch .. max_epochs - 1``; returns the final state and all metrics rows.
 
-    Python touches the device once per epoch (to read the sums), never per minibatch.
+    Python touches the device once per epoch (to read the sums), never per minibatch. ``previous_rows``
+    (the history of a resumed run) restores the early-stopping counters. ``on_epoch_end(epoch, state,
+    rows)`` is called after every epoch (checkpoints). If the loss or any parameter becomes NaN or
+    infinite, :class:`TrainingDiverged` is raised carrying the state and history of the last good epoch.
     """
     from tqdm.auto import tqdm
 
-    rows_out: list[dict[str, float]] = []
+    rows_out: list[dict[str, float]] = list(previous_rows or [])
     best, since_best = math.inf, 0
+    if early_stopping is not None:
+        for row in rows_out:
+            best, since_best = _early_stopping_update(early_stopping, row, best, since_best)
     epochs = tqdm(range(first_epoch, max_epochs), desc="Training", unit="epoch", disable=not progress_bar)
     for epoch in epochs:
         kl_weight = kl_weight_schedule(epoch, n_epochs_kl_warmup, max_kl_weight, min_kl_weight)
+        good = jax.tree.map(jnp.copy, state)  # the epoch donates its input
         state, sums = train_epoch(state, data, train_rows, ambient_profile, jnp.float32(kl_weight))
         row = {"epoch": epoch, "kl_weight": kl_weight, **epoch_metrics(sums, "train")}
+        if not (math.isfinite(row["train_loss_epoch"]) and bool(all_finite(state.params))):
+            epochs.close()
+            kept = f"those of epoch {epoch - 1} are kept" if rows_out else "the initial parameters are kept"
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch} (loss {row['train_loss_epoch']}, parameters finite: "
+                f"{bool(all_finite(state.params))}); {kept}. Check the counts and the ambient profile, or lower "
+                "the learning rate (plan_kwargs={'lr': ...})",
+                good,
+                rows_out,
+            )
         if evaluate is not None and validation_rows is not None and validation_rows.shape[0] > 0:
             eval_key = jax.random.fold_in(jax.random.fold_in(state.key, 2), epoch)
             val = evaluate(state.variables, data, validation_rows, ambient_profile, jnp.float32(kl_weight), eval_key)
             row.update(epoch_metrics(val, "validation"))
         rows_out.append(row)
-        if not math.isfinite(row["train_loss_epoch"]):
-            raise FloatingPointError(
-                f"training loss became {row['train_loss_epoch']} at epoch {epoch}; check the input counts "
-                "and the ambient profile, or lower the learning rate (plan_kwargs={'lr': ...})"
-            )
         epochs.set_postfix(loss=f"{row['train_loss_epoch']:.4g}", refresh=False)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, state, rows_out)
         if early_stopping is not None:
-            if early_stopping.monitor not in row:
-                raise ValueError(
-                    f"early_stopping_monitor {early_stopping.monitor!r} is not logged; "
-                    f"choose one of {sorted(k for k in row if k not in ('epoch', 'kl_weight'))}"
-                )
-            value = row[early_stopping.monitor]
-            if value < best - early_stopping.min_delta:
-                best, since_best = value, 0
-            else:
-                since_best += 1
-                if since_best >= early_stopping.patience:
-                    break
+            best, since_best = _early_stopping_update(early_stopping, row, best, since_best)
+            if since_best >= early_stopping.patience:
+                break
     epochs.close()
     return state, rows_out
+
+
+def _early_stopping_update(
+    stopper: EarlyStopping, row: dict[str, float], best: float, since_best: int
+) -> tuple[float, int]:
+    if stopper.monitor not in row:
+        raise ValueError(
+            f"early_stopping_monitor {stopper.monitor!r} is not logged; "
+            f"choose one of {sorted(k for k in row if k not in ('epoch', 'kl_weight'))}"
+        )
+    value = row[stopper.monitor]
+    if value < best - stopper.min_delta:
+        return value, 0
+    return best, since_best + 1

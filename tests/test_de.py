@@ -376,3 +376,18 @@ def test_differential_expression_driver(obs):
             latent=lambda rows: np.asarray(rows, float)[:, None],
         )
     assert list(table.columns) == list(de.VANILLA_COLUMNS)
+
+
+def test_device_and_host_order_statistics_agree(monkeypatch):
+    rng = np.random.default_rng(8)
+    a = rng.lognormal(0, 1, (101, 7)).astype(np.float32)
+    b = rng.lognormal(0, 1, (101, 7)).astype(np.float32)
+    kwargs = {"mode": "change", "pseudocounts": 1e-3, "cred_interval_lvls": [0.8], "chunk_size": 4}
+    host = de.de_statistics(a, b, **kwargs)
+    host_no_levels = de.de_statistics(a, b, mode="change", pseudocounts=1e-3)  # np.median path
+    monkeypatch.setattr(de, "_order_stats_on_device", lambda: True)
+    device = de.de_statistics(a, b, **kwargs)
+    assert list(host) == list(device)
+    for key in host:
+        np.testing.assert_allclose(device[key], host[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(host_no_levels["lfc_median"], host["lfc_median"], rtol=1e-6)

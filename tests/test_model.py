@@ -393,3 +393,41 @@ def test_divergence_stops_with_the_epoch_and_keeps_the_last_good_parameters():
         model.train(max_epochs=50, batch_size=64, enable_progress_bar=False, plan_kwargs={"lr": 1e36})
     assert "initial parameters are kept" in str(info.value)  # this learning rate diverges in epoch 0
     assert all(np.isfinite(leaf).all() for leaf in _leaves(model)) and not model.is_trained
+
+
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney AUROC (ties count half)."""
+    pos, neg = scores[labels], scores[~labels]
+    return float(
+        ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    )
+
+
+def test_differential_expression_finds_the_true_markers(default_model):
+    adata, model = default_model
+    table = model.differential_expression(
+        groupby="cell_type", group1="type_0", group2="type_1", mode="change", n_samples_overall=2000
+    )
+    assert {"proba_de", "bayes_factor", "lfc_mean", "is_de_fdr_0.05", "raw_mean1", "comparison"} <= set(table.columns)
+    assert (table["comparison"] == "type_0 vs type_1").all()
+    profiles = adata.varm["true_native_profile"]  # columns type_0, type_1, ...
+    true_lfc = np.log2((profiles[:, 0] + 1e-6) / (profiles[:, 1] + 1e-6))
+    markers, unchanged = np.abs(true_lfc) > 1, np.abs(true_lfc) < 0.25
+    table = table.loc[adata.var_names]
+    keep = markers | unchanged
+    auroc = _auroc(table["proba_de"].to_numpy()[keep], markers[keep])
+    assert auroc >= 0.95, auroc  # measured 0.988
+    flagged = table["is_de_fdr_0.05"].to_numpy()
+    assert flagged[markers].mean() > 0.9  # measured 0.978 (and 5% of the unchanged genes)
+    one_vs_rest = model.differential_expression(groupby="cell_type", n_samples_overall=500)
+    assert set(one_vs_rest["comparison"]) == {f"type_{i} vs Rest" for i in range(5)}
+
+
+def test_differential_expression_null_split_has_few_discoveries(default_model):
+    adata, model = default_model
+    cells = np.flatnonzero(adata.obs["cell_type"] == "type_0")
+    half = np.random.default_rng(0).permutation(cells)
+    table = model.differential_expression(
+        idx1=half[: len(half) // 2], idx2=half[len(half) // 2 :], mode="change", n_samples_overall=2000
+    )
+    assert table["is_de_fdr_0.05"].mean() < 0.05, table["is_de_fdr_0.05"].mean()

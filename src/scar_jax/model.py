@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from . import ambient as _ambient
 from . import data as _data
+from . import de as _de
 from . import features as _features
 from . import io as _io
 from . import posterior as _post
@@ -545,6 +546,81 @@ class SCAR:
         fn = lambda b, k: jnp.moveaxis(_post.posterior_predictive(cfg, v, b, ambient, n, k), 0, -1)  # noqa: E731
         values = self._map(fn, adata, indices, batch_size, seed)[0][:, genes, :]
         return sp.csr_matrix(values[..., 0]) if n == 1 else values
+
+    def differential_expression(
+        self,
+        adata: anndata.AnnData | None = None,
+        groupby: str | None = None,
+        group1: Any = None,
+        group2: Any = None,
+        idx1: Any = None,
+        idx2: Any = None,
+        mode: Literal["vanilla", "change"] = "vanilla",
+        delta: float | None = 0.25,
+        batch_size: int | None = None,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1: Any = None,
+        batchid2: Any = None,
+        fdr_target: float = 0.05,
+        silent: bool = False,
+        weights: Literal["uniform", "importance"] | None = "uniform",
+        filter_outlier_cells: bool = False,
+        importance_weighting_kwargs: dict | None = None,
+        *,
+        seed: int = 0,
+        n_samples_overall: int = 5000,
+        pseudocounts: float | None = None,
+        test_mode: Literal["two", "three"] = "three",
+        cred_interval_lvls: list[float] | None = None,
+    ) -> pd.DataFrame:
+        """Bayesian differential expression of the *native* expression between groups of cells.
+
+        scvi-tools' semantics and result columns (``proba_de``, ``bayes_factor``, ``lfc_*``,
+        ``is_de_fdr_<target>`` in change mode, raw means, non-zero proportions, normalized means,
+        ``comparison``, ``group1``, ``group2``); ``group2=None`` compares each group with the rest; ``idx1``
+        and ``idx2`` may be boolean masks, integer indices or ``obs`` query strings. The expression
+        compared is the native frequencies (ambient removed), drawn from the posterior of
+        ``n_samples_overall`` random cells per group (see :mod:`scar_jax.de`). SCAR has no batch covariate,
+        so ``batch_correction``/``batchid*`` have no effect; importance weights are not implemented.
+        """
+        if weights not in (None, "uniform"):
+            raise ValueError("weights must be 'uniform' (importance weights are not implemented yet)")
+        if importance_weighting_kwargs:
+            raise ValueError("importance_weighting_kwargs are not supported (importance weights not implemented)")
+        adata = self.adata if adata is None else adata
+        cells, _ = self._cells(adata, None)
+
+        def sample_scales(rows: np.ndarray, n: int, sample_seed: int) -> np.ndarray:
+            return self.get_normalized_expression(
+                adata, indices=rows, n_samples_overall=n, batch_size=batch_size, seed=sample_seed, return_numpy=True
+            )
+
+        def latent(rows: np.ndarray) -> np.ndarray:
+            return self.get_latent_representation(adata, indices=rows, batch_size=batch_size)
+
+        return _de.differential_expression(
+            sample_scales,
+            adata.obs,
+            cells.x,
+            list(self.var_names),
+            groupby,
+            group1,
+            group2,
+            idx1,
+            idx2,
+            mode,
+            delta,
+            all_stats,
+            fdr_target,
+            n_samples_overall=n_samples_overall,
+            pseudocounts=pseudocounts,
+            test_mode=test_mode,
+            cred_interval_lvls=cred_interval_lvls,
+            latent=latent if filter_outlier_cells else None,
+            seed=seed,
+            silent=silent,
+        )
 
     def _gene_mask(self, gene_list: list[str] | None) -> np.ndarray:
         if gene_list is None:

@@ -68,13 +68,15 @@ Examples
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 from typing import Any
 
 import anndata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from .datasets import _check_int
 
 __all__ = ["simulate_adt", "simulate_feature_empty_droplets", "simulate_guides"]
 
@@ -104,14 +106,6 @@ _STREAM_EMPTY = 12
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_float(name: str, value: Any, low: float, high: float | None = None, *, low_inclusive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")

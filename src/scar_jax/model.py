@@ -198,13 +198,11 @@ class SCAR:
         if str(plan.get("optimizer", "Adam")) != "Adam":
             raise ValueError("plan_kwargs['optimizer'] must be 'Adam' (the only optimizer scvi-tools SCAR uses)")
         split = {"train_size": train_size, "validation_size": validation_size, **(datasplitter_kwargs or {})}
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = _positive_int(batch_size, "batch_size")
         n_cells = self.adata.n_obs
         if max_epochs is None:
             max_epochs = _train.max_epochs_heuristic(n_cells)
-        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int | np.integer) or max_epochs < 1:
-            raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
+        max_epochs = _positive_int(max_epochs, "max_epochs")
         device = _select_device(accelerator, devices)
         train_idx, val_idx, test_idx = _train.split_indices(
             n_cells, split["train_size"], split["validation_size"], shuffle_set_split, batch_size, self.seed
@@ -686,8 +684,7 @@ class SCAR:
         seed
             Seed of the draws of z and of the binomial split / rounding.
         """
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        n_samples = _positive_int(n_samples, "n_samples")
         if method not in ("split", "split_mean", "expected"):
             raise ValueError(f"method must be 'split', 'split_mean' or 'expected', got {method!r}")
         cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)

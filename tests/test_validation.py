@@ -1,0 +1,312 @@
+"""Every bad input gets a clear error naming the field, and the user's AnnData is left as it was."""
+
+from __future__ import annotations
+
+import functools
+
+import anndata as ad
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scar_jax import SCAR
+from scar_jax.datasets import simulate
+
+SMALL = dict(n_hidden=8, n_latent=2)
+
+
+def fresh() -> ad.AnnData:
+    return simulate(n_cells=60, n_genes=12, n_batches=2, seed=3)
+
+
+@functools.cache
+def trained() -> tuple[ad.AnnData, SCAR]:
+    adata = fresh()
+    SCAR.setup_anndata(adata, batch_key="batch")
+    model = SCAR(adata, **SMALL)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    return adata, model
+
+
+def set_x(value):
+    def mutate(adata):
+        adata.X = value(adata)
+
+    return mutate
+
+
+def with_layer(value):
+    def mutate(adata):
+        adata.layers["counts"] = value(adata)
+
+    return mutate
+
+
+def dense(adata):
+    return adata.X.toarray().astype(np.float64)
+
+
+def setup(**kwargs):
+    return lambda adata: SCAR.setup_anndata(adata, **kwargs)
+
+
+def set_up(adata):
+    SCAR.setup_anndata(adata)
+
+
+def set_up_with_size_factor(value):
+    def prepare(adata):
+        adata.obs["sf"] = value
+        SCAR.setup_anndata(adata, size_factor_key="sf")
+
+    return prepare
+
+
+def nan_x(adata):
+    x = dense(adata)
+    x[0, 0] = np.nan
+    return x
+
+
+def inf_sparse(adata):
+    x = adata.X.astype(np.float64)
+    x.data[0] = np.inf
+    return x
+
+
+def zero_cell(adata):
+    x = dense(adata)
+    x[5] = 0
+    return x
+
+
+# (name, prepare(adata) or None, call(adata), exception, message fragment)
+SETUP_CASES = [
+    ("non-integer dense X", set_x(lambda a: dense(a) + 0.5), setup(), ValueError, "non-integer"),
+    ("non-integer sparse X", set_x(lambda a: a.X.astype(np.float32) * 0.5), setup(), ValueError, "non-integer"),
+    ("negative dense X", set_x(lambda a: -dense(a)), setup(), ValueError, "negative"),
+    ("negative sparse X", set_x(lambda a: -a.X), setup(), ValueError, "negative"),
+    ("NaN dense X", set_x(nan_x), setup(), ValueError, "NaN"),
+    ("inf sparse X", set_x(inf_sparse), setup(), ValueError, "infinite"),
+    ("non-integer layer", with_layer(lambda a: dense(a) * 0.3), setup(layer="counts"), ValueError, "layers"),
+    ("NaN layer", with_layer(nan_x), setup(layer="counts"), ValueError, "layers"),
+    ("string X", set_x(lambda a: np.full(a.shape, "a")), setup(), TypeError, "numbers"),
+    ("cell with zero counts", set_x(zero_cell), setup(), ValueError, "zero counts"),
+    ("empty AnnData", None, lambda a: SCAR.setup_anndata(a[:0].copy()), ValueError, "empty"),
+    ("not an AnnData", None, lambda a: SCAR.setup_anndata(a.X), TypeError, "AnnData"),
+    ("unknown batch_key", None, setup(batch_key="nope"), ValueError, "batch_key"),
+    ("unknown labels_key", None, setup(labels_key="nope"), ValueError, "labels_key"),
+    ("unknown layer", None, setup(layer="nope"), ValueError, "layer"),
+    ("unknown size_factor_key", None, setup(size_factor_key="nope"), ValueError, "size_factor_key"),
+    ("unknown setup keyword", None, setup(batch="batch"), TypeError, "unknown keyword"),
+    (
+        "missing batch values",
+        lambda a: a.obs.__setitem__("b2", [None] + ["x"] * 59),
+        setup(batch_key="b2"),
+        ValueError,
+        "missing values",
+    ),
+    ("model before setup", None, lambda a: SCAR(a), ValueError, "setup_anndata"),
+    ("sparsity above 1", set_up, (lambda a: SCAR(a, sparsity=1.5)), ValueError, "sparsity"),
+    ("unknown likelihood", set_up, (lambda a: SCAR(a, gene_likelihood="gauss")), ValueError, "gene_likelihood"),
+    (
+        "unknown activation",
+        set_up,
+        (lambda a: SCAR(a, scale_activation="relu")),
+        ValueError,
+        "scale_activation",
+    ),
+    ("n_latent < 1", set_up, (lambda a: SCAR(a, n_latent=0)), ValueError, "n_latent"),
+    ("dropout_rate 1", set_up, (lambda a: SCAR(a, dropout_rate=1.0)), ValueError, "dropout_rate"),
+    ("unknown feature_type", set_up, (lambda a: SCAR(a, feature_type="protein")), ValueError, "feature_type"),
+    ("unknown model keyword", set_up, (lambda a: SCAR(a, n_hiden=3)), TypeError, "unknown keyword"),
+    (
+        "ambient profile too short",
+        set_up,
+        (lambda a: SCAR(a, ambient_profile=np.ones(5))),
+        ValueError,
+        "one row per gene",
+    ),
+    (
+        "ambient profile negative",
+        set_up,
+        (lambda a: SCAR(a, ambient_profile=-np.ones(12))),
+        ValueError,
+        "non-negative",
+    ),
+    (
+        "ambient profile NaN",
+        set_up,
+        (lambda a: SCAR(a, ambient_profile=np.full(12, np.nan))),
+        ValueError,
+        "finite",
+    ),
+    (
+        "ambient profile all zero",
+        set_up,
+        (lambda a: SCAR(a, ambient_profile=np.zeros(12))),
+        ValueError,
+        "all zero",
+    ),
+    ("ambient profile unknown key", set_up, (lambda a: SCAR(a, ambient_profile="nope")), ValueError, "varm"),
+    (
+        "ambient profile 3 columns",
+        set_up,
+        (lambda a: SCAR(a, ambient_profile=np.ones((12, 3)))),
+        ValueError,
+        "columns",
+    ),
+    (
+        "size factors with binomial",
+        set_up_with_size_factor(1.0),
+        lambda a: SCAR(a),
+        ValueError,
+        "size_factor_key",
+    ),
+    (
+        "non-positive size factors",
+        set_up_with_size_factor(0.0),
+        lambda a: SCAR(a, gene_likelihood="poisson"),
+        ValueError,
+        "size_factor_key",
+    ),
+]
+
+
+def model_call(call):
+    """A call on the shared trained model with a fresh copy of its AnnData."""
+
+    def run(adata):
+        _, model = trained()
+        call(model, adata)
+
+    return run
+
+
+def trained_adata() -> ad.AnnData:
+    return trained()[0].copy()
+
+
+MODEL_CASES = [
+    (
+        "genes in another order",
+        lambda a: model_call(lambda m, _: m.get_elbo(a[:, ::-1].copy())),
+        ValueError,
+        "var_names",
+    ),
+    ("other genes", lambda a: model_call(lambda m, _: m.get_elbo(a[:, :5].copy())), ValueError, "var_names"),
+    ("unseen batch category", None, ValueError, "unseen"),
+    ("indices out of range", lambda a: model_call(lambda m, _: m.get_elbo(indices=[0, 10_000])), ValueError, "indices"),
+    ("indices not integers", lambda a: model_call(lambda m, _: m.get_elbo(indices=[0.5])), ValueError, "indices"),
+    (
+        "unknown plan_kwargs",
+        lambda a: model_call(lambda m, _: m.train(plan_kwargs={"learning_rate": 1})),
+        TypeError,
+        "plan_kwargs",
+    ),
+    (
+        "unknown trainer keyword",
+        lambda a: model_call(lambda m, _: m.train(max_epochs=1, gradient_clip=1)),
+        TypeError,
+        "trainer keywords",
+    ),
+    ("max_epochs 0", lambda a: model_call(lambda m, _: m.train(max_epochs=0)), ValueError, "max_epochs"),
+    ("batch_size 0", lambda a: model_call(lambda m, _: m.train(max_epochs=1, batch_size=0)), ValueError, "batch_size"),
+    (
+        "unknown accelerator",
+        lambda a: model_call(lambda m, _: m.train(max_epochs=1, accelerator="qpu")),
+        ValueError,
+        "accelerator",
+    ),
+    ("denoise method", lambda a: model_call(lambda m, _: m.get_denoised_counts(method="magic")), ValueError, "method"),
+    ("n_samples 0", lambda a: model_call(lambda m, _: m.get_denoised_counts(n_samples=0)), ValueError, "n_samples"),
+    (
+        "unknown gene in gene_list",
+        lambda a: model_call(lambda m, _: m.get_normalized_expression(gene_list=["x"])),
+        ValueError,
+        "gene_list",
+    ),
+]
+
+
+def _unseen_batch(adata):
+    other = adata[:10].copy()
+    other.obs["batch"] = pd.Categorical(["batch_9"] * 10)
+    _, model = trained()
+    model.get_elbo(other)
+
+
+@pytest.mark.parametrize(("name", "prepare", "call", "exc", "match"), SETUP_CASES, ids=[c[0] for c in SETUP_CASES])
+def test_setup_and_model_errors_leave_adata_unchanged(name, prepare, call, exc, match):
+    adata = fresh()
+    if prepare is not None:
+        prepare(adata)
+    before = adata.copy()
+    with pytest.raises(exc, match=match):
+        call(adata)
+    assert_same(adata, before)
+
+
+@pytest.mark.parametrize(("name", "make", "exc", "match"), MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_inference_errors_leave_adata_unchanged(name, make, exc, match):
+    adata = trained_adata()
+    before = adata.copy()
+    call = _unseen_batch if make is None else make(adata)
+    with pytest.raises(exc, match=match):
+        call(adata)
+    assert_same(adata, before)
+
+
+def test_inference_before_training():
+    adata = fresh()
+    SCAR.setup_anndata(adata)
+    model = SCAR(adata, **SMALL)
+    before = adata.copy()
+    for method in (model.get_latent_representation, model.get_elbo, model.get_denoised_counts):
+        with pytest.raises(RuntimeError, match="not trained"):
+            method()
+    assert_same(adata, before)
+
+
+def assert_same(adata: ad.AnnData, before: ad.AnnData) -> None:
+    """Same X, layers, obs, var, obsm, varm and uns keys as the copy taken before the failed call."""
+    assert adata.shape == before.shape
+    for now, then in [(adata.X, before.X), *((adata.layers[k], before.layers[k]) for k in before.layers)]:
+        now = now.toarray() if sp.issparse(now) else np.asarray(now)
+        then = then.toarray() if sp.issparse(then) else np.asarray(then)
+        np.testing.assert_array_equal(now, then)
+    assert set(adata.layers) == set(before.layers)
+    pd.testing.assert_frame_equal(adata.obs, before.obs)
+    pd.testing.assert_frame_equal(adata.var, before.var)
+    assert set(adata.obsm) == set(before.obsm) and set(adata.varm) == set(before.varm)
+    assert set(adata.uns) == set(before.uns)
+
+
+@pytest.mark.parametrize("likelihood", ["b", "zinb"])  # zinb runs the NB code too
+def test_adversarial_but_valid_data_trains_without_nan(likelihood):
+    """Cells with 1 count, one gene holding most counts, libraries of 10^6, noise ratios near 0 and 1."""
+    rng = np.random.default_rng(0)
+    n_genes = 20
+    x = rng.poisson(3.0, size=(80, n_genes)).astype(np.float64)
+    x[:10] = 0
+    x[np.arange(10), rng.integers(0, n_genes, 10)] = 1  # single-count cells
+    x[10:20, 0] = 50_000  # one gene with most of the counts
+    x[20:30] *= 0  # libraries of 10^6, spread over the genes
+    x[20:30] += rng.multinomial(1_000_000, np.full(n_genes, 1 / n_genes), size=10)
+    adata = ad.AnnData(sp.csr_matrix(x), obs=pd.DataFrame(index=[f"c{i}" for i in range(80)]))
+    adata.var_names = [f"g{i}" for i in range(n_genes)]
+    SCAR.setup_anndata(adata)
+    ambient = np.full(n_genes, 1e-9)
+    ambient[0] = 1.0  # ambient is (almost) all gene 0: noise near 1 for cells 10-19, near 0 elsewhere
+    model = SCAR(adata, ambient_profile=ambient / ambient.sum(), gene_likelihood=likelihood, **SMALL)
+    model.train(max_epochs=15, batch_size=32, enable_progress_bar=False)
+    losses = np.array([row["train_loss_epoch"] for row in model.history_rows])
+    assert np.isfinite(losses).all()
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(model._variables))
+    assert np.isfinite(model.get_elbo(return_mean=False)).all()
+    noise = model.get_noise_ratio()
+    assert np.isfinite(noise).all() and ((noise >= 0) & (noise <= 1)).all()
+    denoised = model.get_denoised_counts().toarray()
+    assert (denoised <= x).all()

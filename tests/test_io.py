@@ -321,3 +321,15 @@ def test_state_bytes_round_trip(model):
 def test_saved_state_file_round_trips(saved_dir, model):
     data = (saved_dir / "state.msgpack").read_bytes()
     assert data == scar_io.state_to_bytes(model._state, model.ambient_profile)
+
+
+def test_newer_package_version_warns_but_loads(model, tmp_path):
+    path = tmp_path / "newer"
+    model.save(str(path))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["scar_jax_version"] = "99.0.0"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="99.0.0"):
+        loaded = scar_jax.SCAR.load(str(path), adata=model.adata)
+    assert loaded.is_trained
+    assert scar_jax.io._version_tuple("1.2.3rc1+local") == (1, 2, 3)

@@ -11,10 +11,12 @@ interrupted save never leaves a half-written model where a good one was.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,4 +126,23 @@ def read_model_dir(dir_path: str | os.PathLike, prefix: str | None = None) -> tu
             f"{path} uses save format {version!r}, newer than this scar-jax ({__version__}, format "
             f"{FORMAT_VERSION}) reads; upgrade scar-jax"
         )
+    saved = str(manifest.get("scar_jax_version", "0"))
+    if _version_tuple(saved) > _version_tuple(__version__):
+        warnings.warn(
+            f"{path} was saved by scar-jax {saved}, newer than this one ({__version__}); it is read because its "
+            f"format ({version}) is known, but upgrading scar-jax is recommended",
+            UserWarning,
+            stacklevel=3,
+        )
     return manifest, (path / state_name).read_bytes(), path / adata_name
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"1.2.3rc1"`` -> ``(1, 2, 3)``: the leading numeric release parts."""
+    parts = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)

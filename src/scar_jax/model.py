@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from . import abundance as _abundance
 from . import ambient as _ambient
 from . import data as _data
 from . import de as _de
@@ -619,6 +620,78 @@ class SCAR:
             seed=seed,
             silent=silent,
         )
+
+    def get_aggregated_posterior(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        batch_size: int | None = None,
+        dof: float | None = 3.0,
+    ) -> Any:
+        """The aggregated posterior: a uniform numpyro mixture over the cells of their q(z | x)
+        (Normal, or Student-t with ``dof`` degrees of freedom as scvi-tools' default), with the posterior
+        standard deviation as scale (scvi-tools passes the variance)."""
+        means, variances = self.get_latent_representation(adata, indices, batch_size=batch_size, return_dist=True)
+        return _abundance.aggregated_posterior(means, variances, dof)
+
+    def differential_abundance(
+        self,
+        adata: anndata.AnnData | None = None,
+        sample_key: str | None = None,
+        batch_size: int = 128,
+        num_cells_posterior: int | None = None,
+        dof: float | None = None,
+        *,
+        seed: int = 0,
+    ) -> pd.DataFrame:
+        """Log-probability of every cell's latent mean under each sample's aggregated posterior.
+
+        Returns a DataFrame ``(n_cells, n_samples)`` indexed by ``obs_names`` with one column per value of
+        ``adata.obs[sample_key]`` (scvi-tools writes it to ``obsm["da_log_probs"]`` instead; scar-jax never
+        writes to the AnnData from a getter). ``num_cells_posterior`` subsamples each sample's mixture (seeded).
+        """
+        adata = self.adata if adata is None else adata
+        if sample_key is None or sample_key not in adata.obs:
+            raise ValueError(f"sample_key must be a column of adata.obs, got {sample_key!r}")
+        means, variances = self.get_latent_representation(adata, batch_size=batch_size, return_dist=True)
+        points = None
+        if self.config.latent_distribution == "ln":
+            points = self.get_latent_representation(adata, batch_size=batch_size, give_mean=True)
+        return _abundance.differential_abundance(
+            adata.obs[sample_key], means, variances, num_cells_posterior, dof, seed, points=points
+        )
+
+    def get_feature_correlation_matrix(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        n_samples: int = 10,
+        batch_size: int = 64,
+        rna_size_factor: int = 1000,
+        transform_batch: Any = None,
+        correlation_type: Literal["spearman", "pearson"] = "spearman",
+        silent: bool = True,
+        *,
+        seed: int = 0,
+    ) -> pd.DataFrame:
+        """Gene-gene correlation of posterior draws of native expression (``n_samples`` per cell), genes x genes.
+
+        scvi-tools correlates Gamma draws around the NB mean; SCAR's default binomial likelihood has no
+        dispersion, so scar-jax correlates the posterior draws of ``rna_size_factor x phi`` directly.
+        """
+        samples = self.get_normalized_expression(
+            adata,
+            indices,
+            transform_batch=transform_batch,
+            library_size=rna_size_factor,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            return_mean=False,
+            return_numpy=True,
+            seed=seed,
+        )
+        matrix = _abundance.feature_correlation(samples, correlation_type)
+        return pd.DataFrame(matrix, index=self.var_names, columns=self.var_names)
 
     def _gene_mask(self, gene_list: list[str] | None) -> np.ndarray:
         if gene_list is None:

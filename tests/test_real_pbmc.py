@@ -1,0 +1,127 @@
+"""SCAR on real PBMC data with a real ambient profile: lineage markers are cleaned outside, kept inside.
+
+Data: 10x pbmc4k (2,170 filtered cells) with the ambient profile SoupX estimated from ~267k real empty droplets
+(``shared/data/SOURCES.md``); skipped when the shared data are absent. ``benchmarks/real_pbmc.py`` prints the
+full table (also for the ``"expected"`` reference method and for other settings).
+
+Settings (chosen to run in about a minute on 2 CPU cores): genes detected in >= 400 cells plus the markers
+(1,914 genes; the dropped genes carry 15.7% of the soup, the profile is renormalised on the kept genes),
+binomial likelihood, softplus_sp, **sparsity 0.6**, 150 epochs, batch 128, seed 0 (about 40 s on 2 idle
+cores). The scvi-tools default ``sparsity=0.9`` fails on these data: the mean noise ratio stays far above the
+soup's ~0.06 (0.42 after 150 epochs, 0.28 after the default 400), and the split then keeps only 86% of the
+in-lineage LYZ/S100A8/S100A9 and 78-87% of the in-lineage CD3E counts (``benchmarks/real_pbmc.py --sparsity 0.9
+--epochs 400``). The scAR authors recommend 0.6-0.7 for a few thousand genes (Novartis/scar#59).
+
+Measured with these settings (seeds 0 / 1 / 2, split method; mean noise ratio 0.070 / 0.071 / 0.069):
+
+==================  ==================  ===================  ====================================
+marker group        removed outside     kept inside          soup-implied share (outside / inside)
+==================  ==================  ===================  ====================================
+LYZ,S100A8,S100A9   96.1 / 96.3 / 97.9  96.7 / 97.4 / 96.7   100% / 2.1%  (outside: T, B, NK)
+IGKC,CD79A          61.9 / 64.0 / 64.6  99.2 / 99.3 / 99.1   68% / 0.9%   (outside: T, NK, MNP)
+CD3E                59.0 / 56.5 / 49.1  96.0 / 96.2 / 95.8   55% / 3.5%   (outside: B, MNP; NK excluded)
+==================  ==================  ===================  ====================================
+
+"Soup-implied share" is the share of the raw counts that the contamination implied by the soup explains (5.8%, a
+SoupX-style marker estimate from LYZ/S100A8/S100A9 in T, B and NK cells, an upper bound). Outside B cells and T cells
+the rest of the marker counts is not ambient (doublets, real expression), so removing ~2/3 and ~1/2 of them is
+what a correct removal does. Inside, a correct removal keeps ~96.5% of CD3E: the 95% floor is close to the
+physical limit there. HBB has no counts at all in these cells (0 outside, no own lineage), so only that is tested.
+
+NK cells are excluded for CD3E: they carry CD3E at ~80-90% of the T-cell level per UMI, ~25x what the soup
+explains, so their counts are native (NK cells transcribe CD3E; the cluster holds NKT-like cells) and belong to
+neither side.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+anndata = pytest.importorskip("anndata")
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc4k_soupx_filtered_with_soup.h5ad"
+
+pytestmark = pytest.mark.skipif(not DATA.is_file(), reason=f"shared real data not found: {DATA}")
+
+MIN_CELLS, SPARSITY, EPOCHS, SEED = 400, 0.6, 150, 0
+
+# marker genes, own lineage, cell types excluded from both sides ("?" is always excluded)
+GROUPS = {
+    "MNP": (["LYZ", "S100A8", "S100A9"], {"MNP"}, set()),
+    "B": (["IGKC", "CD79A"], {"B"}, set()),
+    "T": (["CD3E"], {"T_CD4", "T_CD8"}, {"NK"}),
+}
+# minimum fraction removed outside the lineage: a few points below the lowest of seeds 0-2 (see the docstring)
+MIN_REMOVED_OUT = {"MNP": 0.93, "B": 0.55, "T": 0.45}
+MIN_KEPT_IN = 0.95  # the issue's criterion
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    from scar_jax import SCAR
+
+    adata = anndata.read_h5ad(DATA)
+    markers = [g for genes, _, _ in GROUPS.values() for g in genes] + ["HBB"]
+    detected = np.diff(sp.csc_matrix(adata.X).indptr)
+    keep = (detected >= MIN_CELLS) | adata.var_names.isin(markers)
+    soup = adata.var["soup_est"].to_numpy(np.float64)[keep]
+    adata = adata[:, keep].copy()
+    adata.X = sp.csr_matrix(adata.X)
+    SCAR.setup_anndata(adata)
+    model = SCAR(adata, ambient_profile=soup / soup.sum(), sparsity=SPARSITY, seed=SEED)
+    model.train(max_epochs=EPOCHS, enable_progress_bar=False)
+    return adata, model, model.get_denoised_counts()
+
+
+def _in_out(adata, denoised, group):
+    """Raw and denoised counts of a marker group outside and inside its lineage."""
+    genes, own, excluded = GROUPS[group]
+    labels = adata.obs["Annotation"].astype(str).to_numpy()
+    cols = [adata.var_names.get_loc(g) for g in genes]
+    raw = np.asarray(adata.X[:, cols].sum(axis=1)).ravel()
+    den = np.asarray(denoised[:, cols].sum(axis=1)).ravel()
+    usable = (labels != "?") & ~np.isin(labels, list(excluded))
+    inside = usable & np.isin(labels, list(own))
+    outside = usable & ~inside
+    return raw[outside].sum(), den[outside].sum(), raw[inside].sum(), den[inside].sum()
+
+
+def test_split_is_count_preserving(pbmc):
+    adata, _, denoised = pbmc
+    assert sp.issparse(denoised) and denoised.shape == adata.shape
+    assert denoised.min() >= 0
+    assert ((denoised - adata.X) > 0).nnz == 0  # never above the observed count
+    assert ((denoised != 0) > (adata.X != 0)).nnz == 0  # zeros stay zero
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_markers_kept_inside_their_lineage(pbmc, group):
+    adata, _, denoised = pbmc
+    _, _, raw_in, den_in = _in_out(adata, denoised, group)
+    assert raw_in > 1000
+    assert den_in / raw_in >= MIN_KEPT_IN, f"{group}: kept {den_in / raw_in:.3f} of in-lineage counts"
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_markers_removed_outside_their_lineage(pbmc, group):
+    adata, _, denoised = pbmc
+    raw_out, den_out, _, _ = _in_out(adata, denoised, group)
+    assert raw_out > 100
+    removed = 1 - den_out / raw_out
+    assert removed >= MIN_REMOVED_OUT[group], f"{group}: removed {removed:.3f} of out-of-lineage counts"
+
+
+def test_hbb_absent_from_cells(pbmc):
+    """HBB is in the soup (1.5e-6) but has no counts in these cells: nothing to remove, nothing created."""
+    adata, _, denoised = pbmc
+    j = adata.var_names.get_loc("HBB")
+    assert adata.X[:, j].sum() == 0 and denoised[:, j].sum() == 0
+
+
+def test_noise_ratio_near_soup_estimate(pbmc):
+    """Mean noise ratio ~0.07 (seeds 0-2: 0.069-0.071) vs 0.060 implied by the soup (an upper bound)."""
+    _, model, _ = pbmc
+    noise = model.get_noise_ratio()
+    assert 0.03 <= noise.mean() <= 0.12

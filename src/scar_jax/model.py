@@ -1100,6 +1100,41 @@ class SCAR:
         rows.append(f"labels categories ({len(spec.labels_categories)}): {list(spec.labels_categories)}")
         return "SCAR setup (adata.uns['_scar_jax'])\n  " + "\n  ".join(rows)
 
+    # ------------------------------------------------------------------ scvi-tools interchange (needs torch)
+    @classmethod
+    def from_scvi_tools(
+        cls, dir_path: str, adata: anndata.AnnData | None = None, prefix: str | None = None, *, seed: int = 0
+    ) -> SCAR:
+        """A scar-jax model with every weight of a model saved by ``scvi.external.SCAR.save`` (``model.pt``).
+
+        Needs PyTorch to read the file (``pip install 'scar-jax[torch]'``). See :mod:`scar_jax.scvi_io`.
+        """
+        from . import scvi_io
+
+        return scvi_io.from_scvi_tools(cls, dir_path, adata, prefix, seed=seed)
+
+    def export_scvi_tools(
+        self, dir_path: str, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False
+    ) -> None:
+        """Write a directory that ``scvi.external.SCAR.load(dir_path, adata)`` accepts (needs scvi-tools)."""
+        from . import scvi_io
+
+        scvi_io.export_scvi_tools(self, dir_path, prefix, overwrite, save_anndata)
+
+    @classmethod
+    def convert_legacy_save(
+        cls,
+        dir_path: str,
+        output_dir_path: str,
+        overwrite: bool = False,
+        prefix: str | None = None,
+        adata: anndata.AnnData | None = None,
+    ) -> None:
+        """Convert a scvi-tools (PyTorch) save into scar-jax's format, which ``SCAR.load`` reads without torch."""
+        from . import scvi_io
+
+        scvi_io.convert_legacy_save(cls, dir_path, output_dir_path, overwrite, prefix, adata)
+
     # ------------------------------------------------------------------ display
     @property
     def summary_string(self) -> str:

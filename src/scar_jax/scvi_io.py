@@ -43,9 +43,7 @@ from typing import Any
 import numpy as np
 
 TORCH_EXTRA_MESSAGE = "reading scvi-tools saves needs PyTorch: pip install 'scar-jax[torch]'"
-SCVI_EXTRA_MESSAGE = (
-    "writing saves for scvi-tools needs scvi-tools (and PyTorch): pip install 'scar-jax[parity]'"
-)
+SCVI_EXTRA_MESSAGE = "writing saves for scvi-tools needs scvi-tools (and PyTorch): pip install 'scar-jax[parity]'"
 MODEL_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"
 LEGACY_MODEL_FILE = "model_params.pt"
@@ -106,12 +104,12 @@ def _import_torch():
 
 
 def _import_scvi():
-    _import_torch()
     try:
         import scvi
         import scvi.external
+        import torch  # noqa: F401
     except ImportError as err:
-        raise TorchNotInstalledError(SCVI_EXTRA_MESSAGE, name="scvi") from err
+        raise TorchNotInstalledError(SCVI_EXTRA_MESSAGE, name=getattr(err, "name", None) or "scvi") from err
     return scvi
 
 
@@ -222,7 +220,10 @@ def _check_shapes(variables: dict[str, Any], n_layers: int) -> None:
                 f"{part}/hidden/dense_{i}/kernel": (dense["kernel"].shape, (n_in, n_out)),
                 f"{part}/hidden/dense_{i}/bias": (dense["bias"].shape, (n_out,)),
             }
-            for name, arr in (*p[part]["hidden"][f"batchnorm_{i}"].items(), *s[part]["hidden"][f"batchnorm_{i}"].items()):
+            for name, arr in (
+                *p[part]["hidden"][f"batchnorm_{i}"].items(),
+                *s[part]["hidden"][f"batchnorm_{i}"].items(),
+            ):
                 expected[f"{part}/hidden/batchnorm_{i}/{name}"] = (arr.shape, (n_out,))
             for name, (got, want) in expected.items():
                 if got != want:
@@ -281,6 +282,11 @@ def _to_numpy(value: Any) -> Any:
     return value
 
 
+def _indices(value: Any) -> np.ndarray:
+    """A saved split (``None`` before training) as int64 positions."""
+    return np.zeros(0, np.int64) if value is None else np.asarray(_to_numpy(value), np.int64).ravel()
+
+
 def _history_rows(history: Any) -> list[dict[str, float]]:
     """scvi-tools ``history_`` (name -> DataFrame indexed by epoch) as scar-jax per-epoch rows."""
     if not isinstance(history, dict):
@@ -329,7 +335,9 @@ def read_scvi_tools_save(dir_path: str | os.PathLike, prefix: str | None = None)
     try:
         saved = torch.load(model_path, map_location="cpu", weights_only=False)
     except Exception as err:  # pickle and zip errors come in many types
-        raise ValueError(f"{model_path} cannot be read by torch.load ({err}); the file is truncated or corrupted") from err
+        raise ValueError(
+            f"{model_path} cannot be read by torch.load ({err}); the file is truncated or corrupted"
+        ) from err
     if not isinstance(saved, dict) or "model_state_dict" not in saved or "attr_dict" not in saved:
         raise ValueError(f"{model_path} is not an scvi-tools model save (no model_state_dict / attr_dict)")
     attr = saved["attr_dict"]
@@ -377,9 +385,9 @@ def read_scvi_tools_save(dir_path: str | os.PathLike, prefix: str | None = None)
         "batch_categories": batch_categories,
         "is_trained": bool(attr.get("is_trained_", True)),
         "history_rows": _history_rows(attr.get("history_")),
-        "train_indices": np.asarray(attr.get("train_indices_", []), np.int64).ravel(),
-        "validation_indices": np.asarray(attr.get("validation_indices_", []), np.int64).ravel(),
-        "test_indices": np.asarray(attr.get("test_indices_", []), np.int64).ravel(),
+        "train_indices": _indices(attr.get("train_indices_")),
+        "validation_indices": _indices(attr.get("validation_indices_")),
+        "test_indices": _indices(attr.get("test_indices_")),
         "model_name": model_name,
         "scvi_version": registry.get("scvi_version"),
         "adata_path": adata_path if adata_path.is_file() else None,
@@ -435,6 +443,7 @@ def from_scvi_tools(
     over. Needs PyTorch (``pip install 'scar-jax[torch]'``), not scvi-tools.
     """
     import anndata
+    import jax
 
     saved = read_scvi_tools_save(dir_path, prefix)
     _check_model_kwargs(saved["model_kwargs"])
@@ -475,11 +484,8 @@ def from_scvi_tools(
     cls.setup_anndata(adata, **saved["setup_args"])
     model = cls(adata, ambient_profile=(ambient[0] / total).astype(np.float64), seed=seed, **hyper)
     model.ambient_profile = np.ascontiguousarray(ambient, dtype=np.float32)  # exactly the profile scvi used
-    template = model._variables
-    import jax
-
-    mapped = jax.tree.map(lambda t, v: np.asarray(v, np.asarray(t).dtype), template, variables)
-    model._variables = jax.tree.map(jax.numpy.asarray, mapped)
+    # same tree as the model's own (raises if the structures differ), with its dtypes, as device arrays
+    model._variables = jax.tree.map(lambda t, v: jax.numpy.asarray(v, t.dtype), model._variables, variables)
     model._state = None
     model.is_trained = saved["is_trained"]
     model.history_rows = saved["history_rows"]
@@ -546,8 +552,12 @@ def export_scvi_tools(
     exactly what ``scvi.external.SCAR.save`` writes. Needs scvi-tools (``pip install 'scar-jax[parity]'``).
     With ``save_anndata``, ``model.adata`` is written beside it as ``adata.h5ad``.
 
-    Raises ``ValueError`` for what scvi-tools' SCAR cannot represent: one ambient profile per batch,
-    ``feature_type`` other than mRNA is kept only through its sparsity.
+    Raises ``ValueError`` for what scvi-tools' SCAR cannot represent: one ambient profile per batch (it has
+    a single profile for all cells) and ``size_factor_key`` with the binomial likelihood. A
+    ``feature_type`` other than mRNA is carried over only through the sparsity it sets. Batch-norm
+    running variances are written as scar-jax keeps them (the biased batch variance; PyTorch would
+    keep the unbiased one): evaluation-mode outputs are the same, further training in scvi-tools starts
+    from these statistics.
     """
     path = Path(dir_path)
     if path.exists() and not overwrite:

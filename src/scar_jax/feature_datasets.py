@@ -76,7 +76,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .datasets import _check_int
+from .datasets import _check_int, simulate_empty_droplets
 
 __all__ = ["simulate_adt", "simulate_feature_empty_droplets", "simulate_guides"]
 
@@ -100,7 +100,6 @@ _CHUNK_ELEMENTS = 2_000_000  # rows per chunk = _CHUNK_ELEMENTS // n_features
 # Independent random streams (disjoint from scar_jax.datasets, which uses 0 and 1).
 _STREAM_GUIDES = 10
 _STREAM_ADT = 11
-_STREAM_EMPTY = 12
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,7 +492,7 @@ def simulate_feature_empty_droplets(
     library_size_sd_log
         Standard deviation of ``log L_j``, ``>= 0``.
     seed
-        Seed (``>= 0``); the generator is ``numpy.random.default_rng([12, seed])``.
+        Seed (``>= 0``), as :func:`scar_jax.datasets.simulate_empty_droplets` (which this calls) uses it.
 
     Returns
     -------
@@ -507,50 +506,5 @@ def simulate_feature_empty_droplets(
     ValueError
         If ``adata`` has no true ambient profile or an argument is out of range.
     """
-    if not isinstance(adata, anndata.AnnData):
-        raise ValueError(f"adata must be an AnnData, got {type(adata).__name__}")
-    if "true_ambient_profile" not in adata.varm:
-        raise ValueError("adata has no varm['true_ambient_profile'] (make it with simulate_guides or simulate_adt)")
-    n_droplets = _check_int("n_droplets", n_droplets, 1)
-    library_size_mean = _check_float("library_size_mean", library_size_mean, 0.0, low_inclusive=False)
-    library_size_sd_log = _check_float("library_size_sd_log", library_size_sd_log, 0.0, low_inclusive=True)
-    seed = _check_int("seed", seed, 0)
-
-    profile = np.asarray(adata.varm["true_ambient_profile"], dtype=np.float64)
-    if profile.ndim == 1:
-        profile = profile[:, None]
-    if not np.all(np.isfinite(profile)) or np.any(profile < 0) or np.any(profile.sum(axis=0) <= 0):
-        raise ValueError("adata.varm['true_ambient_profile'] must be finite, non-negative, with positive columns")
-    profile = profile / profile.sum(axis=0, keepdims=True)
-    G, B = profile.shape
-    categories = [str(c) for c in adata.uns.get("simulation", {}).get("batch_categories", [])]
-    if len(categories) != B:
-        categories = [f"batch_{b}" for b in range(B)]
-
-    rng = np.random.default_rng([_STREAM_EMPTY, seed])
-    batch = (np.arange(n_droplets, dtype=np.int64) * B) // n_droplets
-    s = library_size_sd_log
-    library = rng.lognormal(math.log(library_size_mean) - 0.5 * s**2, s, size=n_droplets)
-    step = max(1, _CHUNK_ELEMENTS // G)
-    parts = [
-        sp.csr_matrix(rng.poisson(library[a : a + step, None] * profile.T[batch[a : a + step]]).astype(np.int32))
-        for a in range(0, n_droplets, step)
-    ]
-    obs = pd.DataFrame(
-        {"batch": pd.Categorical.from_codes(batch, categories=categories), "library_size": library},
-        index=pd.Index(_names("empty", n_droplets, 5)),
-    )
-    params = {
-        "generator": "scar_jax.feature_datasets.simulate_feature_empty_droplets",
-        "n_droplets": n_droplets,
-        "library_size_mean": library_size_mean,
-        "library_size_sd_log": library_size_sd_log,
-        "seed": seed,
-        "batch_categories": categories,
-    }
-    return anndata.AnnData(
-        X=_stack(parts, G),
-        obs=obs,
-        var=pd.DataFrame(index=adata.var_names.copy()),
-        uns={"simulation": params},
-    )
+    # The same generative model as the mRNA simulator's empty droplets: one implementation serves both.
+    return simulate_empty_droplets(adata, n_droplets, library_size_mean, library_size_sd_log, seed)

@@ -40,6 +40,11 @@ class HostCells(NamedTuple):
     batch_index: np.ndarray
 
 
+def fold_in_each(cell_keys: jax.Array, data: int | jax.Array) -> jax.Array:
+    """``fold_in(key, data)`` for each of the ``(n,)`` per-cell keys (one stream per draw or purpose)."""
+    return jax.vmap(jax.random.fold_in, (0, None))(cell_keys, data)
+
+
 @functools.cache
 def _net(config: SCARConfig) -> SCARNet:
     return config.make_net()
@@ -68,7 +73,7 @@ def logistic_normal_mean(
     z_mean, z_var = encode(config, variables, x)
 
     def add_sample(i, total):
-        keys = jax.vmap(jax.random.fold_in, (0, None))(cell_keys, i)
+        keys = fold_in_each(cell_keys, i)
         z = z_mean + jnp.sqrt(z_var) * standard_normal_noise(keys, x.shape[0], config.n_latent)
         return total + jax.nn.softmax(z, axis=-1)
 
@@ -96,11 +101,11 @@ def denoised_counts_expected(
     """
 
     def one_draw(s):
-        keys = jax.vmap(jax.random.fold_in, (0, None))(cell_keys, s)
+        keys = fold_in_each(cell_keys, s)
         out, _ = forward(_net(config), variables, batch.x, keys, train=False)
         expected = batch.library * (1.0 - out.noise_ratio) * out.native_frequencies
         floor = jnp.floor(expected)
-        round_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
+        round_keys = fold_in_each(keys, 1)
         uniform = jax.vmap(lambda k: jax.random.uniform(k, (expected.shape[1],)))(round_keys)
         return floor + (uniform < expected - floor)
 
@@ -132,14 +137,14 @@ def denoised_counts_posterior_split(
     ambient = cell_ambient_profile(ambient_profile, batch.batch_index)
 
     def one_draw(s):
-        keys = jax.vmap(jax.random.fold_in, (0, None))(cell_keys, s)
+        keys = fold_in_each(cell_keys, s)
         out, _ = forward(_net(config), variables, batch.x, keys, train=False)
         native = (1.0 - out.noise_ratio) * out.native_frequencies
         total = native + out.noise_ratio * ambient
         share = jnp.where(total > 0, native / jnp.where(total > 0, total, 1.0), 0.0)
         if not sample:
             return batch.x * share
-        split_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 2)
+        split_keys = fold_in_each(keys, 2)
         draws = jax.vmap(lambda k, n, p: jax.random.binomial(k, n, p))(split_keys, batch.x, share)
         return draws.astype(jnp.float32)
 
@@ -225,7 +230,7 @@ def log_marginal_likelihood(
     z_sd = jnp.sqrt(z_var)
 
     def log_weight(s):
-        keys = jax.vmap(jax.random.fold_in, (0, None))(cell_keys, s)
+        keys = fold_in_each(cell_keys, s)
         z = z_mean + z_sd * standard_normal_noise(keys, batch.x.shape[0], config.n_latent)
         native_frequencies, noise_ratio, zi_logits = net.apply(variables, z, method="decode")
         theta = net.apply(variables, method="dispersion")
@@ -256,7 +261,7 @@ def native_expression_samples(
     """
 
     def one_draw(s):
-        keys = jax.vmap(jax.random.fold_in, (0, None))(cell_keys, s)
+        keys = fold_in_each(cell_keys, s)
         out, _ = forward(_net(config), variables, batch.x, keys, train=False)
         if latent_library:
             return batch.library * (1.0 - out.noise_ratio) * out.native_frequencies
@@ -280,9 +285,9 @@ def posterior_predictive(
     """``(S, n, G)`` draws of x from p(x | z) (the full ambient mixture likelihood), z ~ q(z | x) each."""
 
     def one_draw(s):
-        keys = jax.vmap(jax.random.fold_in, (0, None))(cell_keys, s)
+        keys = fold_in_each(cell_keys, s)
         out, _ = forward(_net(config), variables, batch.x, keys, train=False)
-        sample_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 3)
+        sample_keys = fold_in_each(keys, 3)
 
         def one_cell(key, row_out, row_batch):  # per-cell keys: draws do not depend on the chunking
             row_out = jax.tree.map(lambda a: a[None], row_out)

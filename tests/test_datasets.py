@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scar_jax.datasets import raw_droplets, simulate, simulate_empty_droplets
+from scar_jax.datasets import raw_droplets, simulate, simulate_empty_droplets, simulate_species_mixture
+from scar_jax.metrics import oracle_native_share
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +263,148 @@ def test_raw_droplets_validation(adata: anndata.AnnData, adata2: anndata.AnnData
         raw_droplets(adata, empty2)
     with pytest.raises(ValueError, match="obs_names"):
         raw_droplets(adata2, adata2)
+
+
+# --------------------------------------------------------------------------------------------------
+# simulate_species_mixture: the low-contamination, disjoint-species regime
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def species() -> anndata.AnnData:
+    return simulate_species_mixture(n_cells=300, n_genes=3001, seed=4)
+
+
+def _foreign_mask(a: anndata.AnnData) -> np.ndarray:
+    return a.obs["species"].cat.codes.to_numpy()[:, None] != a.var["species"].cat.codes.to_numpy()[None, :]
+
+
+def test_species_shapes_and_fields(species: anndata.AnnData) -> None:
+    a = species
+    assert a.shape == (300, 3001)
+    for m in (a.X, a.layers["native"], a.layers["ambient"]):
+        assert _is_int32_csr(m) and m.has_canonical_format and m.data.min() > 0
+    assert (a.layers["native"] + a.layers["ambient"] - a.X).count_nonzero() == 0
+    assert list(a.obs["species"].cat.categories) == ["species_0", "species_1"]
+    assert list(a.var["species"].cat.categories) == ["species_0", "species_1"]
+    assert list(a.obs["cell_type"].cat.categories) == [
+        "species_0_type_0",
+        "species_0_type_1",
+        "species_1_type_0",
+        "species_1_type_1",
+    ]
+    assert list(a.obs["batch"].cat.categories) == ["batch_0"]
+    assert a.varm["true_ambient_profile"].shape == (3001, 1)
+    assert a.varm["true_native_profile"].shape == (3001, 4)
+    # exact species counts (largest remainder of 0.64 / 0.36 of 300), each type within its species
+    assert a.obs["species"].value_counts().sort_index().tolist() == [192, 108]
+    type_species = a.obs["cell_type"].astype(str).str.rsplit("_type_", n=1).str[0]
+    assert (type_species == a.obs["species"].astype(str)).all()
+    # contiguous gene blocks whose sizes differ by at most one
+    codes = a.var["species"].cat.codes.to_numpy()
+    assert (np.diff(codes) >= 0).all() and np.bincount(codes).tolist() == [1501, 1500]
+    assert np.asarray(a.X.sum(axis=1)).min() > 0
+    json.dumps(a.uns["simulation"])
+    assert a.uns["simulation"]["species_cell_counts"] == [192, 108]
+
+
+def test_species_foreign_counts_are_all_ambient(species: anndata.AnnData) -> None:
+    a = species
+    foreign = _foreign_mask(a)
+    native = a.layers["native"].toarray()
+    assert native[foreign].sum() == 0  # a cell never expresses a gene of another species
+    x = a.X.toarray()
+    assert x[foreign].sum() > 0  # ...but observes some of them, all ambient
+    assert (x[foreign] == a.layers["ambient"].toarray()[foreign]).all()
+
+
+def test_species_profiles(species: anndata.AnnData) -> None:
+    a = species
+    rho = a.varm["true_native_profile"]
+    np.testing.assert_allclose(rho.sum(axis=0), 1.0, rtol=1e-12)
+    gene_species = a.var["species"].cat.codes.to_numpy()
+    for t in range(4):
+        on_block = gene_species == t // 2
+        assert (rho[on_block, t] > 0).all() and (rho[~on_block, t] == 0).all()
+    # ambient = the mixture of the type profiles weighted by the realised fractions of cells
+    fractions = np.bincount(a.obs["cell_type"].cat.codes.to_numpy(), minlength=4) / a.n_obs
+    amb = a.varm["true_ambient_profile"][:, 0]
+    np.testing.assert_allclose(amb, rho @ fractions, rtol=1e-12)
+    assert (amb > 0).all()
+    np.testing.assert_allclose([amb[gene_species == 0].sum(), amb[gene_species == 1].sum()], [0.64, 0.36], rtol=1e-12)
+    # the oracle split removes every foreign count and keeps > 99% of the counts of expressed genes
+    share = oracle_native_share(a)
+    foreign = _foreign_mask(a)
+    x = a.X.toarray()
+    assert (share[foreign] == 0).all() and (share[~foreign] > 0.5).all()
+    assert (x * share)[~foreign].sum() / x[~foreign].sum() > 0.99
+
+
+def test_species_noise_ratio(species: anndata.AnnData) -> None:
+    a = species
+    eps = a.obs["noise_ratio_parameter"].to_numpy()
+    assert eps.min() >= 0.002 and eps.max() <= 0.02
+    # log-uniform: log eps has mean (log lo + log hi) / 2 and sd log(hi / lo) / sqrt(12)
+    log_eps = np.log(eps)
+    se = np.log(10) / np.sqrt(12) / np.sqrt(a.n_obs)
+    assert abs(log_eps.mean() - 0.5 * np.log(0.002 * 0.02)) < 4 * se
+    assert abs(log_eps.std() - np.log(10) / np.sqrt(12)) < 0.1
+    total = np.asarray(a.X.sum(axis=1)).ravel()
+    ambient = np.asarray(a.layers["ambient"].sum(axis=1)).ravel()
+    np.testing.assert_allclose(a.obs["noise_ratio"], ambient / total)
+    # realised ambient fraction follows the parameter (Poisson noise on ~ 40 ambient counts per cell)
+    assert np.corrcoef(a.obs["noise_ratio"], eps)[0, 1] > 0.8
+    assert abs(ambient.sum() / total.sum() - np.average(eps, weights=a.obs["library_size"])) < 0.1 * eps.mean()
+
+
+def test_species_heavy_tail_and_library(species: anndata.AnnData) -> None:
+    a = species
+    rho = a.varm["true_native_profile"][:, 0]
+    on = rho[rho > 0]
+    assert np.sort(on)[::-1][: on.size // 100].sum() > 0.15  # top 1% of the genes hold > 15% of the counts
+    assert abs(np.log(a.obs["library_size"]).std() - 0.5) < 0.06
+    total = np.asarray(a.X.sum(axis=1)).ravel()
+    assert abs(total.mean() / a.obs["library_size"].mean() - 1) < 0.02
+
+
+def test_species_seed_and_empty_droplets() -> None:
+    kw = {"n_cells": 50, "n_genes": 400, "species_proportions": (1, 1, 2), "n_types_per_species": 1}
+    a, b, c = (simulate_species_mixture(seed=s, **kw) for s in (3, 3, 4))
+    assert (a.X != b.X).nnz == 0 and (a.X != c.X).nnz > 0
+    assert a.obs["species"].value_counts().sort_index().tolist() == [13, 12, 25]  # 12.5, 12.5, 25: ties to the first
+    empty = simulate_empty_droplets(a, n_droplets=20000, library_size_mean=200.0, seed=0)
+    pooled = np.asarray(empty.X.sum(axis=0)).ravel()
+    amb = a.varm["true_ambient_profile"][:, 0]
+    assert abs(pooled / pooled.sum() - amb).sum() < 0.05
+    raw = raw_droplets(a, empty)
+    assert raw.shape == (20050, 400)
+
+
+def test_species_cell_profile_variation() -> None:
+    a = simulate_species_mixture(n_cells=60, n_genes=500, cell_profile_sd_log=0.5, seed=1)
+    assert a.layers["native"].toarray()[_foreign_mask(a)].sum() == 0
+    assert (a.layers["native"] + a.layers["ambient"] - a.X).count_nonzero() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"n_cells": 0}, "n_cells"),
+        ({"n_genes": 1}, "n_genes"),
+        ({"species_proportions": (1.0,)}, "species_proportions"),
+        ({"species_proportions": (1.0, 0.0)}, r"species_proportions\[1\]"),
+        ({"species_proportions": "ab"}, "species_proportions"),
+        ({"n_types_per_species": 0}, "n_types_per_species"),
+        ({"noise_ratio_range": (0.02,)}, "noise_ratio_range"),
+        ({"noise_ratio_range": (0.0, 0.1)}, r"noise_ratio_range\[0\]"),
+        ({"noise_ratio_range": (0.1, 0.05)}, r"noise_ratio_range\[1\]"),
+        ({"noise_ratio_range": (0.1, 1.0)}, r"noise_ratio_range\[1\]"),
+        ({"library_size_mean": 0.5}, "library_size_mean"),
+        ({"library_size_sd_log": -1.0}, "library_size_sd_log"),
+        ({"gene_log_sd": -1.0}, "gene_log_sd"),
+        ({"type_log_sd": float("nan")}, "type_log_sd"),
+        ({"seed": -1}, "seed"),
+        ({"cell_profile_sd_log": -0.5}, "cell_profile_sd_log"),
+    ],
+)
+def test_species_validation(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        simulate_species_mixture(**{"n_cells": 10, "n_genes": 20, **kwargs})

@@ -64,6 +64,10 @@ Examples
 >>> raw = raw_droplets(adata, empty)
 >>> raw.shape
 (1500, 200)
+
+A low-contamination "barnyard" regime (species with disjoint genes, so that every count of a gene
+the cell's species cannot express is known to be ambient) is made by :func:`simulate_species_mixture`;
+its empty droplets come from the same :func:`simulate_empty_droplets`.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["raw_droplets", "simulate", "simulate_empty_droplets"]
+__all__ = ["raw_droplets", "simulate", "simulate_empty_droplets", "simulate_species_mixture"]
 
 # Fixed constants of the generative model (recorded in ``uns["simulation"]``).
 _GENE_LOG_SD = 1.25  # log-sd of the per-gene relative frequencies (heavy-tailed profiles)
@@ -91,6 +95,7 @@ _CHUNK_ELEMENTS = 4_000_000  # rows per chunk = _CHUNK_ELEMENTS // n_genes (boun
 # ``simulate_empty_droplets(seed=s)`` do not share random numbers.
 _STREAM_CELLS = 0
 _STREAM_EMPTY = 1
+_STREAM_SPECIES = 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,6 +606,264 @@ def simulate_empty_droplets(
         X=builder.build(),
         obs=obs,
         var=pd.DataFrame(index=adata.var_names.copy()),
+        uns={"simulation": params},
+    )
+
+
+def _largest_remainder(n: int, proportions: np.ndarray) -> np.ndarray:
+    """Integer counts summing to ``n`` closest to ``n * proportions`` (largest-remainder rounding)."""
+    exact = n * proportions
+    counts = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[: n - int(counts.sum())]] += 1
+    return counts
+
+
+def simulate_species_mixture(
+    n_cells: int = 300,
+    n_genes: int = 20000,
+    species_proportions: tuple[float, ...] = (0.64, 0.36),
+    n_types_per_species: int = 2,
+    noise_ratio_range: tuple[float, float] = (0.002, 0.02),
+    library_size_mean: float = 5000.0,
+    library_size_sd_log: float = 0.5,
+    gene_log_sd: float = 2.0,
+    type_log_sd: float = 0.5,
+    seed: int = 0,
+    *,
+    cell_profile_sd_log: float = 0.0,
+) -> anndata.AnnData:
+    r"""Simulate a low-contamination mixture of species whose expressed genes are disjoint.
+
+    The regime of a "barnyard" experiment (e.g. human and mouse cells on one chip): each cell belongs
+    to one of ``S = len(species_proportions)`` species, and the genes are split into ``S`` disjoint
+    blocks, one per species. A cell's native RNA only ever contains genes of its own species' block,
+    so **every count of a gene outside the block is ambient**, which lets a denoiser be scored on real
+    expression kept and on contamination removed without any modelling assumption. Few cells, many
+    genes and a noise ratio of a fraction of a percent to a few percent are the defaults.
+
+    Generative model
+    ----------------
+    .. code-block:: text
+
+        gene blocks     B_s = genes j with floor(j S / G) = s           (contiguous, sizes differ by <= 1)
+        species sizes   n_s = largest-remainder rounding of n_cells * species_proportions_s (ties
+                        to the first species; e.g. exactly 192 / 108 of 300 cells), order shuffled
+        types           T = n_types_per_species types per species, type of a cell uniform within its species
+        native profile  rho_tg = w_tg / sum_h w_th,  w_tg = exp(z_g + d_tg) if g in B_{s(t)} else 0,
+                        z_g ~ Normal(0, gene_log_sd^2)   (species level, heavy tailed),
+                        d_tg ~ Normal(0, type_log_sd^2)  (type level)
+        ambient profile a = sum_t pihat_t rho_t,  pihat_t = realised fraction of cells of type t
+                        (a mixture of the cells' own profiles; species weights = n_s / n_cells)
+        noise ratio     eps_i = exp(Uniform(log lo, log hi)),  (lo, hi) = noise_ratio_range
+        library size    L_i = max(L_min, exp(Normal(log(mu_L) - s^2 / 2, s^2))),  L_min = min(200, mu_L)
+        native counts   n_ig ~ Poisson(L_i (1 - eps_i) rho_{t_i g})       (0 off B_{s(i)})
+        ambient counts  y_ig ~ Poisson(L_i eps_i a_g)
+        observed counts x_ig = n_ig + y_ig
+
+    Every gene of a block is expressed by its species (``rho_tg > 0`` exactly on ``B_{s(t)}``), and
+    every gene has a positive ambient frequency. Cells whose observed total is zero are re-drawn.
+    With ``cell_profile_sd_log > 0`` each cell's profile is perturbed as in :func:`simulate`,
+    ``rho_ig ∝ rho_{t_i g} exp(cell_profile_sd_log * Normal(0, 1))`` on its block (the zeros off the
+    block are kept); ``varm["true_native_profile"]`` is then the type-level profile.
+
+    The output follows :func:`simulate`, so :func:`simulate_empty_droplets`, :func:`raw_droplets`,
+    :func:`scar_jax.metrics.oracle_native_share` and :func:`scar_jax.metrics.oracle_split` apply
+    unchanged (there is one batch).
+
+    Parameters
+    ----------
+    n_cells
+        Number of cells, ``>= 1``.
+    n_genes
+        Number of genes, ``>= len(species_proportions)``.
+    species_proportions
+        Fractions of cells per species (at least two, each ``> 0``; normalised to sum to one). The
+        default is a 64/36 mixture of two species.
+    n_types_per_species
+        Cell types (lineages) per species, ``>= 1``, named ``"<species>_type_<k>"``.
+    noise_ratio_range
+        ``(lo, hi)`` with ``0 < lo <= hi < 1``: ``eps_i`` is log-uniform on it (the default 0.2%-2% has
+        mean ``(hi - lo) / log(hi / lo) = 0.78%``).
+    library_size_mean, library_size_sd_log
+        Mean expected counts per cell (``>= 1``) and the sd of their logarithm (``>= 0``).
+    gene_log_sd
+        Log-sd of the species-level gene frequencies (``>= 0``); 2 gives a heavy tail in which the top
+        genes take percents of a cell's counts and most genes are rarely detected.
+    type_log_sd
+        Log-sd of the type-level perturbation of those frequencies (``>= 0``).
+    seed
+        Seed (``>= 0``); the generator is ``numpy.random.default_rng([2, seed])``, a stream independent
+        of :func:`simulate` and :func:`simulate_empty_droplets` for the same seed.
+    cell_profile_sd_log
+        Keyword only. Optional per-cell log-normal perturbation of the native profile (default 0).
+
+    Returns
+    -------
+    anndata.AnnData
+        ``(n_cells, n_genes)`` object with the fields of :func:`simulate` (``X``, ``layers["native"]``,
+        ``layers["ambient"]``, ``obs["noise_ratio"]``, ``obs["noise_ratio_parameter"]``,
+        ``obs["cell_type"]``, ``obs["batch"]`` (one category ``"batch_0"``), ``obs["library_size"]``,
+        ``varm["true_ambient_profile"]`` ``(n_genes, 1)``, ``varm["true_native_profile"]``
+        ``(n_genes, n_species * n_types_per_species)``, ``uns["simulation"]``), plus
+
+        - ``obs["species"]`` and ``var["species"]``: categorical ``"species_0"``, ... (the cell's
+          species; the species whose block holds the gene). A count of gene ``g`` in cell ``i`` is
+          native-possible iff ``var["species"][g] == obs["species"][i]``, otherwise it is ambient.
+
+    Raises
+    ------
+    ValueError
+        If an argument is out of range; the message names the argument.
+
+    Examples
+    --------
+    >>> from scar_jax.datasets import simulate_species_mixture, simulate_empty_droplets
+    >>> adata = simulate_species_mixture(n_cells=100, n_genes=2000, seed=0)
+    >>> adata.obs["species"].value_counts().tolist()
+    [64, 36]
+    >>> empty = simulate_empty_droplets(adata, n_droplets=500, seed=1)
+    """
+    n_cells = _check_int("n_cells", n_cells, 1)
+    try:
+        proportions = np.asarray(species_proportions, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"species_proportions must be a sequence of numbers, got {species_proportions!r}") from None
+    if proportions.ndim != 1 or proportions.shape[0] < 2:
+        raise ValueError(f"species_proportions must list at least two species, got {species_proportions!r}")
+    for k, value in enumerate(proportions):
+        _check_float(f"species_proportions[{k}]", float(value), low=0.0)
+    proportions = proportions / proportions.sum()
+    S = int(proportions.shape[0])
+    n_genes = _check_int("n_genes", n_genes, S)
+    n_types_per_species = _check_int("n_types_per_species", n_types_per_species, 1)
+    if not isinstance(noise_ratio_range, tuple | list) or len(noise_ratio_range) != 2:
+        raise ValueError(f"noise_ratio_range must be a pair (lo, hi), got {noise_ratio_range!r}")
+    lo = _check_float("noise_ratio_range[0]", noise_ratio_range[0], low=0.0, high=1.0)
+    hi = _check_float("noise_ratio_range[1]", noise_ratio_range[1], low=lo, high=1.0, low_inclusive=True)
+    library_size_mean = _check_float("library_size_mean", library_size_mean, low=1.0, low_inclusive=True)
+    library_size_sd_log = _check_float("library_size_sd_log", library_size_sd_log, low=0.0, low_inclusive=True)
+    gene_log_sd = _check_float("gene_log_sd", gene_log_sd, low=0.0, low_inclusive=True)
+    type_log_sd = _check_float("type_log_sd", type_log_sd, low=0.0, low_inclusive=True)
+    seed = _check_int("seed", seed, 0)
+    cell_profile_sd_log = _check_float("cell_profile_sd_log", cell_profile_sd_log, low=0.0, low_inclusive=True)
+
+    rng = np.random.default_rng([_STREAM_SPECIES, seed])
+    G, P = n_genes, n_types_per_species
+    K = S * P
+
+    # ---- gene blocks and native profiles ----
+    gene_species = _even_blocks(G, S)
+    blocks = [np.flatnonzero(gene_species == s) for s in range(S)]
+    native_profile = np.zeros((G, K), dtype=np.float64)
+    for s in range(S):
+        z = rng.normal(0.0, gene_log_sd, size=blocks[s].shape[0])
+        for k in range(P):
+            log_w = z + rng.normal(0.0, type_log_sd, size=z.shape[0])
+            w = np.exp(log_w - log_w.max())
+            native_profile[blocks[s], s * P + k] = w / w.sum()
+
+    # ---- species (exact counts, shuffled) and types ----
+    species_counts = _largest_remainder(n_cells, proportions)
+    species = rng.permutation(np.repeat(np.arange(S), species_counts))
+    cell_type = species * P + rng.integers(0, P, size=n_cells)
+    type_fractions = np.bincount(cell_type, minlength=K) / n_cells
+
+    # ---- ambient profile: the mixture of the cells' own profiles ----
+    ambient = native_profile @ type_fractions
+    ambient /= ambient.sum()
+    ambient_profile = ambient[:, None]
+    ambient_table = [_alias_table(ambient)]
+    native_tables = [_alias_table(native_profile[:, t]) for t in range(K)]
+
+    # ---- noise ratio and library size ----
+    eps = np.exp(rng.uniform(math.log(lo), math.log(hi), size=n_cells))
+    min_library = min(_MIN_LIBRARY_SIZE, library_size_mean)
+    mu_log = math.log(library_size_mean) - 0.5 * library_size_sd_log**2
+    library = np.maximum(rng.lognormal(mu_log, library_size_sd_log, size=n_cells), min_library)
+    native_scale = library * (1.0 - eps)
+    ambient_scale = library * eps
+    zero_batch = np.zeros(n_cells, dtype=np.int64)
+
+    def draw(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if cell_profile_sd_log > 0.0:
+            nat = np.zeros((cells.shape[0], G), dtype=np.int32)
+            for t in np.unique(cell_type[cells]):
+                rows = np.flatnonzero(cell_type[cells] == t)
+                genes = blocks[t // P]
+                p = native_profile[genes, t]
+                w = p[None, :] * np.exp(cell_profile_sd_log * rng.standard_normal((rows.shape[0], genes.shape[0])))
+                w /= w.sum(axis=1, keepdims=True)
+                nat[np.ix_(rows, genes)] = rng.poisson(native_scale[cells[rows], None] * w)
+            nat_tot = nat.sum(axis=1, dtype=np.int64)
+        else:
+            nat, nat_tot = _profile_counts(rng, native_scale[cells], cell_type[cells], native_tables, G)
+        amb, amb_tot = _profile_counts(rng, ambient_scale[cells], zero_batch[cells], ambient_table, G)
+        return nat, amb, nat_tot, amb_tot
+
+    b_obs, b_nat, b_amb = _CSRBuilder(G), _CSRBuilder(G), _CSRBuilder(G)
+    native_total = np.empty(n_cells, dtype=np.int64)
+    ambient_total = np.empty(n_cells, dtype=np.int64)
+    step = _chunk_rows(G)
+    for start in range(0, n_cells, step):
+        cells = np.arange(start, min(start + step, n_cells))
+        nat, amb, nat_tot, amb_tot = draw(cells)
+        for _ in range(_MAX_REDRAWS):
+            empty_rows = np.flatnonzero(nat_tot + amb_tot == 0)
+            if empty_rows.size == 0:
+                break
+            nat[empty_rows], amb[empty_rows], nat_tot[empty_rows], amb_tot[empty_rows] = draw(cells[empty_rows])
+        else:  # pragma: no cover - probability < exp(-_MAX_REDRAWS)
+            raise RuntimeError("could not draw a non-empty cell; increase library_size_mean")
+        native_total[cells] = nat_tot
+        ambient_total[cells] = amb_tot
+        b_nat.add(nat)
+        b_amb.add(amb)
+        nat += amb
+        b_obs.add(nat)
+
+    species_names = [f"species_{s}" for s in range(S)]
+    cell_type_names = [f"species_{s}_type_{k}" for s in range(S) for k in range(P)]
+    obs = pd.DataFrame(
+        {
+            "species": pd.Categorical.from_codes(species, categories=species_names),
+            "cell_type": pd.Categorical.from_codes(cell_type, categories=cell_type_names),
+            "batch": pd.Categorical.from_codes(zero_batch, categories=["batch_0"]),
+            "noise_ratio": ambient_total / (native_total + ambient_total),
+            "noise_ratio_parameter": eps.astype(np.float64),
+            "library_size": library.astype(np.float64),
+        },
+        index=pd.Index(_names("cell", n_cells, 5)),
+    )
+    var = pd.DataFrame(
+        {"species": pd.Categorical.from_codes(gene_species, categories=species_names)},
+        index=pd.Index(_names("gene", G, 4)),
+    )
+    params = {
+        "generator": "scar_jax.datasets.simulate_species_mixture",
+        "n_cells": n_cells,
+        "n_genes": G,
+        "species_proportions": [float(x) for x in proportions],
+        "n_types_per_species": P,
+        "noise_ratio_range": [lo, hi],
+        "library_size_mean": library_size_mean,
+        "library_size_sd_log": library_size_sd_log,
+        "gene_log_sd": gene_log_sd,
+        "type_log_sd": type_log_sd,
+        "seed": seed,
+        "cell_profile_sd_log": cell_profile_sd_log,
+        "species_cell_counts": [int(x) for x in species_counts],
+        "min_library_size": float(min_library),
+        "species_categories": species_names,
+        "cell_type_categories": cell_type_names,
+        "batch_categories": ["batch_0"],
+    }
+    return anndata.AnnData(
+        X=b_obs.build(),
+        obs=obs,
+        var=var,
+        layers={"native": b_nat.build(), "ambient": b_amb.build()},
+        varm={"true_ambient_profile": ambient_profile, "true_native_profile": native_profile},
         uns={"simulation": params},
     )
 

@@ -77,8 +77,12 @@ def test_binomial_vs_scipy(seed, library_range, dtype):
     if dtype == "float64":
         np.testing.assert_allclose(got, want, rtol=1e-10)  # the formula itself: rtol 1e-10
     else:
-        # float32: rtol 1e-5 above the cancellation floor 4 eps32 lgamma(N + 1) (5e-5 at N = 40)
-        assert (np.abs(got - want) <= 1e-5 * np.abs(want) + _float32_floor(library)).all()
+        # float32: rtol 1e-5 above the floor of the probability terms, 16 eps32 (|x log p| + |(N - x) log(1 - p)|)
+        # (measured up to 9.4 eps32), which cancel against the coefficient at large N and p (0.038 nats at N ~ 1e5,
+        # p ~ 0.6). The betaln form has no lgamma(N + 1) floor (the lgamma form's: 4 eps32 lgamma(N + 1), 0.5 nats).
+        terms = np.abs(x * np.log(probs)) + np.abs((library - x) * np.log1p(-probs))
+        floor = 16.0 * float(np.finfo(np.float32).eps) * terms
+        assert (np.abs(got - want) <= 1e-5 * np.abs(want) + floor).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -18,6 +18,14 @@ Two numerical choices follow PyTorch/scvi-tools rather than numpyro's defaults:
   and no ambient mass) gives finite values and gradients;
 * the negative binomial uses scvi-tools' ``log_nb_positive`` with ``eps = 1e-8`` inside the logs.
   numpyro's ``NegativeBinomial2`` returns ``-inf`` and a NaN gradient at mean 0.
+
+One is more accurate than both references: the binomial log-probability writes the binomial
+coefficient as ``-log(N + 1) - betaln(N - x + 1, x + 1)`` (:class:`BinomialStable`). The usual
+``lgamma(N + 1) - lgamma(x + 1) - lgamma(N - x + 1)`` cancels terms of size ``N log N`` (about 2e5 at
+20,000 counts, float32 ulp 0.016) to a result of a few nats; summed over the expressed genes, PyTorch's
+and numpyro's float32 log-likelihoods are off the float64 value by 1e-4 relative (measured in the
+parity suite), this form by < 1e-5. Its gradient is also cheaper: the coefficient does not depend on
+the parameters, so no ``lgamma`` remains in the backward pass.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
-from jax.scipy.special import gammaln
+from jax.scipy.special import betaln, gammaln
 
 GeneLikelihood = Literal["b", "poisson", "nb", "zinb"]
 GENE_LIKELIHOODS: tuple[str, ...] = ("b", "poisson", "nb", "zinb")
@@ -58,6 +66,9 @@ class NegativeBinomialEps(dist.NegativeBinomial2):
         \\log p(x) = \\theta (\\log(\\theta + e) - \\log(\\theta + \\mu + e))
             + x (\\log(\\mu + e) - \\log(\\theta + \\mu + e))
             + \\log\\Gamma(x + \\theta) - \\log\\Gamma(\\theta) - \\log\\Gamma(x + 1),\\quad e = 10^{-8}
+
+    In float32 the log-gamma terms are evaluated as ``-log(x) - betaln(x, theta)`` (0 at ``x = 0``), which
+    does not cancel large terms (see :class:`BinomialStable`); in float64 as written.
     """
 
     pytree_data_fields = ("nb_mean",)
@@ -69,13 +80,57 @@ class NegativeBinomialEps(dist.NegativeBinomial2):
     def log_prob(self, value: jax.Array) -> jax.Array:
         mu, theta = self.nb_mean, self.concentration
         log_theta_mu_eps = jnp.log(theta + mu + NB_EPS)
+        if jnp.result_type(mu, theta) == jnp.float64:
+            log_coefficient = gammaln(value + theta) - gammaln(theta) - gammaln(value + 1.0)
+        else:  # Gamma(x + theta) / (Gamma(theta) x!) = 1 / (x B(x, theta)), without forming lgamma(x + theta)
+            positive = jnp.maximum(value, 1.0)
+            log_coefficient = jnp.where(value > 0, -jnp.log(positive) - betaln(positive, theta), 0.0)
         return (
             theta * (jnp.log(theta + NB_EPS) - log_theta_mu_eps)
             + value * (jnp.log(mu + NB_EPS) - log_theta_mu_eps)
-            + gammaln(value + theta)
-            - gammaln(theta)
-            - gammaln(value + 1.0)
+            + log_coefficient
         )
+
+
+class BinomialStable(dist.BinomialProbs):
+    """``Binomial(total_count, probs)`` with a cancellation-free log-probability.
+
+    .. math::
+        \\log p(x) = -\\log(N + 1) - \\log B(N - x + 1, x + 1) + x \\log p + (N - x) \\log(1 - p)
+
+    using :math:`\\binom{N}{x} = 1 / ((N + 1) B(N - x + 1, x + 1))`; ``betaln`` (JAX's, from TensorFlow
+    Probability) evaluates the log-gamma differences without forming ``lgamma(N + 1)``. ``probs`` must
+    lie in ``(0, 1)`` (:func:`make_likelihood` clamps them); sampling is numpyro's. ``betaln``'s series
+    is tuned for float32 (absolute error ~1e-8); in float64 the ``lgamma`` form is the more accurate one
+    (1e-12 relative) and is used instead.
+    """
+
+    def log_prob(self, value: jax.Array) -> jax.Array:
+        n = self.total_count.astype(self.probs.dtype)
+        if self.probs.dtype == jnp.float64:
+            log_binomial_coefficient = gammaln(n + 1.0) - gammaln(value + 1.0) - gammaln(n - value + 1.0)
+        else:
+            log_binomial_coefficient = -jnp.log1p(n) - betaln(n - value + 1.0, value + 1.0)
+        return (
+            log_binomial_coefficient
+            + value * jnp.log(self.probs)
+            + (n - value) * jnp.log1p(-self.probs)
+        )
+
+
+class PoissonZeroSafe(dist.Poisson):
+    """``Poisson(rate)`` whose ``log_prob`` has a finite gradient at rate 0 for a zero count.
+
+    ``x log(rate) - rate - log x!`` with ``0 log 0 = 0`` and the gradient ``-1`` at rate 0 and count 0,
+    where numpyro's (and PyTorch's) ``xlogy`` gives ``0 / 0 = NaN``. Rate 0 arises for a gene with no
+    counts in any cell: its default ambient share is 0 and the sparse softplus can set its native
+    frequency to exactly 0. A positive count at rate 0 keeps log-probability ``-inf``.
+    """
+
+    def log_prob(self, value: jax.Array) -> jax.Array:
+        rate = jnp.asarray(self.rate, jnp.result_type(float))
+        # where(x > 0, rate, 1): the log term and its gradient vanish for x = 0 (also at rate 0)
+        return value * jnp.log(jnp.where(value > 0, rate, 1.0)) - gammaln(value + 1.0) - rate
 
 
 def make_likelihood(
@@ -106,9 +161,9 @@ def make_likelihood(
             p = jnp.clip(probs, PROBS_EPS, 1.0 - PROBS_EPS)
             # integer total count (exact below 2**24 counts), so that the law can also be sampled
             total_count = jnp.round(library).astype(jnp.int32)
-            return dist.BinomialLogits(logits=jnp.log(p) - jnp.log1p(-p), total_count=total_count)
+            return BinomialStable(probs=p, total_count=total_count)
         case "poisson":
-            return dist.Poisson(rate=library * probs)
+            return PoissonZeroSafe(rate=library * probs)
         case "nb":
             return NegativeBinomialEps(mean=library * probs, concentration=theta)
         case "zinb":

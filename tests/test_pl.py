@@ -1,10 +1,16 @@
-"""Plots: the knee plot marks the same cell-free droplets the ambient estimate uses; history curves."""
+"""Plots: the knee plot marks the same cell-free droplets the ambient estimate uses; history curves;
+noise ratio per group (box medians are the group medians); raw vs denoised bars (heights are group means).
+Figures are also written as PNG files and checked to be non-empty images."""
 
 import matplotlib
 
 matplotlib.use("Agg")
+import anndata
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from scar_jax import SCAR, pl
 from scar_jax.ambient import estimate_ambient_profile
@@ -32,12 +38,120 @@ def test_knee_plot_marks_cells_and_cell_free_droplets(droplets):
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
 
 
-def test_history_plot(droplets):
+@pytest.fixture(scope="module")
+def model(droplets):
     cells, _ = droplets
     SCAR.setup_anndata(cells)
     model = SCAR(cells, n_hidden=16, n_latent=4)
     model.train(max_epochs=3, enable_progress_bar=False)
+    return model
+
+
+def _save_png(ax, path):
+    ax.figure.savefig(path, dpi=60)
+    plt.close(ax.figure)
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 1000
+    image = plt.imread(path)
+    assert image.std() > 0  # something was drawn
+
+
+def test_history_plot(model, tmp_path):
     ax = pl.history(model)
     lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
     np.testing.assert_allclose(lines["elbo_train"], model.history["elbo_train"]["elbo_train"])
     assert len(lines["elbo_validation"]) == 3
+    _save_png(ax, tmp_path / "history.png")
+
+
+def test_knee_plot_png(droplets, tmp_path):
+    cells, raw = droplets
+    _save_png(pl.knee_plot(raw, cells, prob=0.5), tmp_path / "knee.png")
+
+
+def _medians(ax):
+    return {line.get_gid().split(":", 1)[1]: line.get_ydata()[0] for line in ax.get_lines() if line.get_gid()}
+
+
+def test_noise_ratio_per_group_from_anndata(droplets, tmp_path):
+    cells, _ = droplets
+    adata = anndata.AnnData(obs=cells.obs.copy())
+    rng = np.random.default_rng(0)
+    adata.obs["noise_ratio"] = rng.beta(2, 10, adata.n_obs)
+    ax = pl.noise_ratio(adata, groupby="cell_type")
+    medians = _medians(ax)
+    groups = adata.obs.groupby("cell_type", observed=True)["noise_ratio"].median()
+    assert list(medians) == [str(c) for c in adata.obs["cell_type"].cat.categories if c in groups.index]
+    for name, value in medians.items():
+        assert value == pytest.approx(groups[name])
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    counts = adata.obs["cell_type"].value_counts()
+    first = list(medians)[0]
+    assert labels[0] == f"{first}\n(n={counts[first]})"
+    assert len(ax.collections) == len(medians)  # one violin per group
+    _save_png(ax, tmp_path / "noise_ratio.png")
+
+
+def test_noise_ratio_from_model_box_and_degenerate_groups(model, tmp_path):
+    ax = pl.noise_ratio(model)  # one group, from the model's own AnnData
+    assert _medians(ax)["all cells"] == pytest.approx(np.median(model.get_noise_ratio()))
+    _save_png(ax, tmp_path / "noise_ratio_model.png")
+    obs = pd.DataFrame({"noise_ratio": [0.1, 0.2, 0.3, 0.5, np.nan], "batch": ["a", "a", "a", "b", "c"]})
+    adata = anndata.AnnData(obs=obs.set_axis([f"c{i}" for i in range(5)]))
+    ax = pl.noise_ratio(adata, groupby="batch")  # b has one value (no violin), c only NaN (left out)
+    assert _medians(ax) == {"a": pytest.approx(0.2), "b": pytest.approx(0.5)}
+    assert len(ax.collections) == 1
+    ax = pl.noise_ratio(adata, groupby="batch", kind="box")
+    assert len(ax.collections) == 0
+    with pytest.raises(ValueError, match="not a column of obs"):
+        pl.noise_ratio(adata, groupby="cell_type")
+    with pytest.raises(ValueError, match="kind must be"):
+        pl.noise_ratio(adata, kind="swarm")
+    with pytest.raises(ValueError, match=r"obs\['noise_ratio'\] not found"):
+        pl.noise_ratio(anndata.AnnData(obs=pd.DataFrame(index=["a"])))
+    plt.close("all")
+
+
+@pytest.mark.parametrize("raw_layer", [None, "counts"])
+def test_denoised_expression_bars_are_group_means(droplets, tmp_path, raw_layer):
+    cells, _ = droplets
+    adata = anndata.AnnData(X=cells.X.astype(np.float32), obs=cells.obs.copy(), var=cells.var.copy())
+    if raw_layer is not None:
+        adata.layers["counts"] = adata.X.copy()
+        adata.X = None
+    adata.layers["denoised"] = sp.csr_matrix(cells.layers["native"])  # the truth stands in for a result
+    genes = list(adata.var_names[[0, 7, 20]])
+    ax = pl.denoised_expression(adata, genes, groupby="cell_type", raw_layer=raw_layer)
+    bars = {c.get_label(): [b.get_height() for b in c] for c in ax.containers}
+    assert set(bars) == {"raw", "denoised"}
+    groups = list(adata.obs["cell_type"].cat.categories)
+    expected_raw, expected_denoised = [], []
+    for gene in genes:
+        for group in groups:
+            rows = (adata.obs["cell_type"] == group).to_numpy()
+            col = adata.var_names.get_loc(gene)
+            expected_raw.append(cells.X[rows, col].toarray().mean())
+            expected_denoised.append(cells.layers["native"][rows, col].toarray().mean())
+    np.testing.assert_allclose(bars["raw"], expected_raw, rtol=1e-6)
+    np.testing.assert_allclose(bars["denoised"], expected_denoised, rtol=1e-6)
+    assert [t.get_text() for t in ax.texts] == genes
+    assert [t.get_text() for t in ax.get_xticklabels()] == groups * len(genes)
+    _save_png(ax, tmp_path / "denoised_expression.png")
+
+
+def test_denoised_expression_single_gene_no_groups_and_errors(droplets):
+    cells, _ = droplets
+    adata = anndata.AnnData(X=cells.X, obs=cells.obs.copy(), var=cells.var.copy())
+    adata.layers["denoised"] = cells.layers["native"]
+    gene = adata.var_names[3]
+    fig, ax = plt.subplots()
+    assert pl.denoised_expression(adata, gene, ax=ax, log=True) is ax
+    heights = [b.get_height() for c in ax.containers for b in c]
+    col = adata.var_names.get_loc(gene)
+    assert heights == pytest.approx([cells.X[:, col].mean(), cells.layers["native"][:, col].mean()])
+    assert ax.get_yscale() == "log"
+    with pytest.raises(ValueError, match="genes not in adata.var_names"):
+        pl.denoised_expression(adata, ["no_such_gene"])
+    with pytest.raises(ValueError, match="layer 'scar' not found"):
+        pl.denoised_expression(adata, gene, denoised_layer="scar")
+    plt.close("all")

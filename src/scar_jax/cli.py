@@ -1,14 +1,38 @@
 """The ``scar-jax`` command line.
 
+``scar-jax denoise FILTERED RAW -o OUT.h5ad`` reads a cell matrix and the raw droplets (10x h5 v2/v3,
+10x mtx folder or .h5ad, see :mod:`scar_jax.readers`), keeps one feature type, estimates the ambient
+profile from the raw droplets, trains SCAR and writes a scanpy-ready ``.h5ad``.
+
 ``scar-jax demo`` simulates droplet data with known truth (:func:`scar_jax.datasets.simulate`), trains
 SCAR on it and prints the data size, epochs, training time and how well the result matches the truth.
+
+Errors a user can cause (paths, files, options) print one line, ``scar-jax: error: ...``, on stderr and
+exit with a non-zero code (2 for command-line syntax, 1 for everything else).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
+
+ASSIGNED_TYPES = ("sgRNA", "tag", "CMO")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``scar-jax: error: <what> (see 'scar-jax <command> --help')``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"scar-jax: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
+def _fail(err: BaseException) -> int:
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"scar-jax: error: {message}", file=sys.stderr)
+    return 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -81,9 +105,259 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: str, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.suffix != ".h5ad":
+        raise ValueError(f"--output must be an .h5ad path, got {path!r}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--output: folder {str(out.parent)!r} does not exist")
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise ValueError(f"--output {path!r} exists; pass --overwrite to replace it")
+    return out
+
+
+def _denoise(args: argparse.Namespace) -> int:
+    try:
+        return _run_denoise(args)
+    except (ValueError, OSError, FloatingPointError, MemoryError) as err:
+        return _fail(err)
+    except KeyboardInterrupt:
+        print("scar-jax: error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_denoise(args: argparse.Namespace) -> int:
+    out = _check_output(args.output, args.overwrite)
+    if args.sparsity is not None and not 0.0 < args.sparsity <= 1.0:
+        raise ValueError(f"--sparsity must be in (0, 1], got {args.sparsity}")
+    if not 0.0 < args.prob < 1.0:
+        raise ValueError(f"--prob must be in (0, 1), got {args.prob}")
+    for name in ("epochs", "batch_size", "moi"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+    from . import readers
+
+    feature_type, tenx_types = readers.resolve_feature_type(args.feature_type)
+
+    import anndata
+    import numpy as np
+    import scipy.sparse as sp
+
+    from . import __version__
+    from .model import SCAR, _select_device
+
+    say = (lambda *a: None) if args.quiet else print
+    try:
+        device = _select_device(args.device, "auto")  # a missing GPU fails before any work
+    except ValueError as err:
+        raise ValueError(f"--device {args.device}: no GPU visible to JAX (pip install 'jax[cuda12]')") from err
+    say(f"scar-jax {__version__} denoise: {feature_type} ({' or '.join(tenx_types)} features) on {device.platform}")
+    adata = readers.read(args.filtered, feature_type=args.feature_type, genome=args.genome)
+    raw = readers.read(args.raw, feature_type=args.feature_type, genome=args.genome)
+    say(
+        f"read {adata.n_obs} cells x {adata.n_vars} features ({args.filtered}) "
+        f"and {raw.n_obs} raw droplets ({args.raw})"
+    )
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"{args.filtered}: no cells or no {feature_type} features to denoise")
+    library = np.asarray(adata.X.sum(axis=1)).ravel()
+    if not (library > 0).any():
+        raise ValueError(f"{args.filtered}: no cell has any {feature_type} count")
+    if (library <= 0).any():
+        adata = adata[library > 0].copy()
+        say(f"left out {int((library <= 0).sum())} cells without {feature_type} counts ({adata.n_obs} remain)")
+    if args.batch_key is not None and args.batch_key not in adata.obs:
+        columns = ", ".join(map(str, adata.obs.columns)) or "none"
+        raise ValueError(f"--batch-key {args.batch_key!r} is not a column of the cells' obs (columns: {columns})")
+
+    SCAR.setup_anndata(adata, batch_key=args.batch_key)
+    t0 = time.perf_counter()
+    profile = SCAR.get_ambient_profile(adata, raw, prob=args.prob, seed=args.seed)
+    say(
+        f"ambient profile from the raw droplets ({profile.shape[1]} profile(s), prob={args.prob}, "
+        f"{time.perf_counter() - t0:.1f} s)"
+    )
+    model_kwargs = {} if args.sparsity is None else {"sparsity": args.sparsity}
+    model = SCAR(
+        adata,
+        ambient_profile="ambient_profile",
+        gene_likelihood=args.likelihood,
+        feature_type=feature_type,
+        seed=args.seed,
+        **model_kwargs,
+    )
+    model.train(
+        max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.device, enable_progress_bar=not args.quiet
+    )
+    n_epochs = len(model.history["elbo_train"])
+    say(f"trained {n_epochs} epochs on {len(model.train_indices)} cells in {model.training_time_s:.1f} s")
+
+    noise_ratio = model.get_noise_ratio()
+    denoised = model.get_denoised_counts(seed=args.seed)
+    if not sp.issparse(denoised):
+        denoised = sp.csr_matrix(denoised)
+    adata.layers["denoised"] = denoised.astype(np.float32)
+    adata.obs["noise_ratio"] = noise_ratio
+    adata.obsm["X_scAR"] = model.get_latent_representation()
+    kept = float(denoised.sum()) / max(float(library.sum()), 1.0)
+    say(
+        f"noise ratio: median {np.median(noise_ratio):.3f} (5%-95%: {np.quantile(noise_ratio, 0.05):.3f}-"
+        f"{np.quantile(noise_ratio, 0.95):.3f}); denoised counts keep {kept:.1%} of the observed counts"
+    )
+    if feature_type in ASSIGNED_TYPES:
+        assignment = model.assign_features(cutoff=args.cutoff, moi=args.moi)
+        adata.obs[feature_type] = assignment[feature_type].astype(str)
+        adata.obs[f"n_{feature_type}"] = assignment[f"n_{feature_type}"].to_numpy()
+        adata.obs[f"{feature_type}_count"] = assignment["count"].to_numpy()
+        n_assigned = assignment[f"n_{feature_type}"].to_numpy()
+        say(
+            f"assigned {feature_type}: {int((n_assigned == 1).sum())} cells with one, "
+            f"{int((n_assigned > 1).sum())} with several, {int((n_assigned == 0).sum())} with none"
+        )
+    adata.uns["scar_jax"] = {
+        "version": __version__,
+        "command": "denoise",
+        "filtered": str(args.filtered),
+        "raw": str(args.raw),
+        "feature_type": feature_type,
+        "likelihood": args.likelihood,
+        "sparsity": float(model.config.sparsity),
+        "epochs": n_epochs,
+        "batch_size": args.batch_size,
+        "batch_key": args.batch_key or "",
+        "prob": args.prob,
+        "seed": args.seed,
+        "n_raw_droplets": raw.n_obs,
+    }
+    tmp = out.with_name(f".{out.stem}.partial.h5ad")
+    try:
+        anndata.AnnData.write_h5ad(adata, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    say(f"wrote {out}: X = raw counts, layers['denoised'], obs['noise_ratio'], obsm['X_scAR'], varm['ambient_profile']")
+    return 0
+
+
+DENOISE_DESCRIPTION = """\
+Remove ambient RNA (or ambient antibodies, guides, tags) from droplet single-cell counts.
+
+Reads the cells (FILTERED) and all droplets (RAW), keeps the features of one type, estimates the
+ambient profile from the cell-free droplets among RAW, trains SCAR and writes OUTPUT (.h5ad) with
+
+  X                         the cells' raw counts, unchanged (scanpy reads denoised counts from the layer)
+  layers['denoised']        denoised counts, sparse CSR: each observed count split into native and
+                            ambient, so 0 <= denoised <= raw and zeros stay zero
+  obs['noise_ratio']        each cell's ambient fraction of its counts
+  obsm['X_scAR']            the latent representation (e.g. sc.pp.neighbors(adata, use_rep='X_scAR'))
+  varm['ambient_profile']   the ambient profile (one column per batch)
+  obs[TYPE], obs['n_TYPE'], obs['TYPE_count']
+                            for sgRNA, tag and CMO: the assigned features (comma-joined, '' for
+                            none), how many, and their observed counts
+  uns['scar_jax']           the settings of this run
+
+Cells without any count of the feature type are left out of OUTPUT.
+Input formats (detected from the content): 10x feature-barcode h5 (Cell Ranger v3+, all feature
+types, or v2), 10x mtx folder (matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz; or v2 genes.tsv),
+.h5ad with raw counts in X.
+"""
+
+DENOISE_EPILOG = """\
+example:
+  scar-jax denoise filtered_feature_bc_matrix.h5 raw_feature_bc_matrix.h5 -o denoised.h5ad
+  scar-jax denoise filtered_feature_bc_matrix.h5 raw_feature_bc_matrix.h5 -o adt.h5ad --feature-type ADT --prob 0.01
+"""
+
+
+def _add_denoise(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "denoise",
+        help="denoise 10x (h5, mtx) or .h5ad counts: filtered cells + raw droplets -> .h5ad",
+        description=DENOISE_DESCRIPTION,
+        epilog=DENOISE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("filtered", metavar="FILTERED", help="the cells: filtered_feature_bc_matrix.h5, mtx folder or .h5ad")
+    p.add_argument(
+        "raw",
+        metavar="RAW",
+        help="all droplets, for the ambient profile: raw_feature_bc_matrix.h5, mtx folder or .h5ad",
+    )
+    p.add_argument("-o", "--output", required=True, help="the .h5ad file to write (required)")
+    p.add_argument(
+        "--feature-type",
+        default="mRNA",
+        metavar="TYPE",
+        help="features to denoise (default mRNA): mRNA (10x 'Gene Expression'), ADT ('Antibody Capture'), "
+        "sgRNA ('CRISPR Guide Capture'), CMO ('Multiplexing Capture'), tag ('Multiplexing Capture' or "
+        "'Custom'), ATAC ('Peaks'); a 10x type name is accepted too. sgRNA, tag and CMO use sparsity 1 "
+        "and add the feature assignment to obs",
+    )
+    p.add_argument(
+        "--likelihood",
+        default="b",
+        choices=["b", "poisson", "nb", "zinb"],
+        help="count likelihood (default b, binomial with the observed library, as scvi-tools)",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help="expected sparsity of the native signal, in (0, 1] (default 0.9; always 1 for sgRNA, tag, CMO)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs (default: scvi-tools' heuristic, min(400, 400 * 20000 / n_cells))",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="training minibatch size (default 128)")
+    p.add_argument(
+        "--batch-key",
+        default=None,
+        metavar="COLUMN",
+        help="obs column of FILTERED (.h5ad) naming each cell's batch/lane: one ambient profile per batch, "
+        "from RAW's droplets of that batch when RAW has the column too (default: one batch)",
+    )
+    p.add_argument(
+        "--prob",
+        type=float,
+        default=0.995,
+        help="cell-free threshold of the ambient estimate, in (0, 1): a droplet is cell-free if its "
+        "multinomial log-probability >= n_features * log(prob) (default 0.995, as scvi-tools; with few "
+        "features such as ADTs, or if too few cell-free droplets are found, lower it, e.g. 0.01)",
+    )
+    p.add_argument(
+        "--cutoff", type=float, default=3.0, help="sgRNA/tag/CMO: Bayes-factor cutoff of the assignment (default 3)"
+    )
+    p.add_argument(
+        "--moi",
+        type=int,
+        default=None,
+        help="sgRNA/tag/CMO: assign up to this many features per cell (default: the original scAR's rule, "
+        "the strongest feature(s) only)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="where to train (default auto: a GPU when JAX sees one, else the CPU)",
+    )
+    p.add_argument("--genome", default=None, help="10x h5 only: keep the features of this genome (default: all)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the model, the training and the denoised draws (default 0)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (no status lines, no progress bar)")
+    p.set_defaults(func=_denoise)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scar-jax", description="scAR ambient-RNA removal in JAX.")
+    parser = _Parser(prog="scar-jax", description="scAR ambient-RNA removal in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_denoise(sub)
     demo = sub.add_parser("demo", help="simulate droplet data with known truth, train SCAR, report accuracy")
     demo.add_argument("--n-cells", type=int, default=5000, help="number of simulated cells (default 5000)")
     demo.add_argument("--n-genes", type=int, default=1000, help="number of simulated genes (default 1000)")

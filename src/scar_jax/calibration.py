@@ -50,9 +50,18 @@ A count of gene ``g`` in cell ``i`` is native with probability
 
 (zero when the gene is off: then every count is ambient). The neighbourhood parameters are set by
 EM-like updates, ``pi_i = mean_g q_ig`` and ``s_i = 1 / sum_g q_ig a_g`` (so that ``s_i a_g`` sums to
-one over the genes that are on), and the noise ratio by the EM update of the binomial split,
-``eps_i = sum_g x_ig (1 - w_ig) / N_i``: the expected ambient fraction of the cell's own counts. The
-loop starts from the model's noise ratio and runs ``n_iter`` rounds.
+one over the genes that are on), and the noise ratio by its maximum-likelihood estimate from the
+genes that are off,
+
+.. code-block:: text
+
+    eps_i = sum_g (1 - q_ig) x_ig / (N_i sum_g (1 - q_ig) a_g)
+
+(counts of off genes are ``Poisson(N_i eps_i a_g)``; the genes that are on carry no information on
+``eps`` because their native frequency is free, which is the non-identifiability above). The EM
+update of the split, ``eps_i = sum_g x_ig (1 - w_ig) / N_i``, was tried first: it moves
+along that flat direction very slowly (6.5% -> 4.6% in 5 rounds for a truth of 0.78%). The
+loop starts from the model's noise ratio and runs until the noise ratios stop changing.
 
 Everything is elementwise given the pooled counts, so chunks of cells can be processed independently.
 """
@@ -148,9 +157,10 @@ def calibrated_native_share(
     neighbours: np.ndarray,
     ambient: np.ndarray,
     noise_ratio: np.ndarray,
-    n_iter: int = 5,
+    n_iter: int = 50,
     alpha: float = 1.0,
     pi0: float = 0.5,
+    tol: float = 1e-4,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated noise ratio ``(n,)`` and native share ``w`` ``(n, G)`` of every cell (module docstring).
 
@@ -164,8 +174,11 @@ def calibrated_native_share(
         ``(G,)`` ambient profile.
     noise_ratio
         ``(n,)`` starting noise ratio (e.g. the model's).
-    n_iter
-        Rounds of the updates of ``eps``, ``pi`` and ``s``.
+    n_iter, tol
+        At most ``n_iter`` rounds of the updates of ``eps``, ``pi`` and ``s``; stop once no cell's
+        noise ratio changes by more than a relative ``tol``. The fixed point does not depend on the
+        start: on simulated data, starting at the untrained model's 0.4 or at 0.01 gives the same
+        result within 20 rounds (5 rounds from 0.4 are not enough).
     alpha, pi0
         Gamma shape of the slab and the starting prior probability that a gene is on.
     """
@@ -186,16 +199,18 @@ def calibrated_native_share(
         native = (1.0 - eps[:, None]) * theta
         total = native + eps[:, None] * a[None, :]
         w = q * np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
-        off = 1.0 - q
+        off, previous = 1.0 - q, eps
         eps = (off * xd).sum(1) / np.maximum(library * (off * a[None, :]).sum(1), _TINY)
         eps = np.clip(eps, 1e-6, 1 - 1e-6)
         pi = np.clip(q.mean(1), 1e-6, 1 - 1e-6)
         s = 1.0 / np.maximum((q * a[None, :]).sum(1), 1e-12)
+        if np.max(np.abs(eps - previous) / previous) < tol:
+            break
     return eps, w
 
 
 def calibrate_model(
-    model, adata=None, n_neighbours: int = 50, n_iter: int = 5, alpha: float = 1.0
+    model, adata=None, n_neighbours: int = 50, n_iter: int = 50, alpha: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`calibrated_native_share` for a trained :class:`scar_jax.SCAR` with one ambient profile.
 

@@ -92,6 +92,13 @@ class NegativeBinomialEps(dist.NegativeBinomial2):
         )
 
 
+def log_binomial_coefficient(n: jax.Array, k: jax.Array) -> jax.Array:
+    """``log C(n, k)``: ``-log(n + 1) - betaln(n - k + 1, k + 1)`` in float32, the ``lgamma`` form in float64."""
+    if jnp.result_type(n, k) == jnp.float64:
+        return gammaln(n + 1.0) - gammaln(k + 1.0) - gammaln(n - k + 1.0)
+    return -jnp.log1p(n) - betaln(n - k + 1.0, k + 1.0)
+
+
 class BinomialStable(dist.BinomialProbs):
     """``Binomial(total_count, probs)`` with a cancellation-free log-probability.
 
@@ -107,12 +114,8 @@ class BinomialStable(dist.BinomialProbs):
 
     def log_prob(self, value: jax.Array) -> jax.Array:
         n = self.total_count.astype(self.probs.dtype)
-        if self.probs.dtype == jnp.float64:
-            log_binomial_coefficient = gammaln(n + 1.0) - gammaln(value + 1.0) - gammaln(n - value + 1.0)
-        else:
-            log_binomial_coefficient = -jnp.log1p(n) - betaln(n - value + 1.0, value + 1.0)
         return (
-            log_binomial_coefficient
+            log_binomial_coefficient(n, value)
             + value * jnp.log(self.probs)
             + (n - value) * jnp.log1p(-self.probs)
         )

@@ -28,6 +28,7 @@ from . import train as _train
 from .counts import to_device
 from .vae import SCARConfig, init_variables
 
+IMPORTANCE_KWARGS = {"max_cells", "truncation", "n_mc_samples", "n_mc_samples_per_pass"}
 PLAN_KWARGS = {"lr", "weight_decay", "eps", "n_epochs_kl_warmup", "max_kl_weight", "min_kl_weight", "optimizer"}
 TRAINER_KWARGS = {
     "early_stopping_monitor",
@@ -224,7 +225,9 @@ class SCAR:
         # The epoch donates its state: hand it copies so the model's own arrays and key stay valid.
         variables = jax.tree.map(lambda a: jnp.array(a, copy=True), jax.device_put(self._variables, device))
         key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(self._train_key), copy=True))
-        state = _train.init_train_state(variables, tx, key)
+        # committed to the device like the epoch's outputs, so that the second epoch reuses the first one's
+        # compilation (uncommitted step and optimizer counters would compile the epoch a second time)
+        state = jax.device_put(_train.init_train_state(variables, tx, key), device)
         previous_rows: list[dict[str, float]] = []
         if checkpoint_dir is not None and _io.has_model(checkpoint_dir):
             state, previous_rows = self._resume(checkpoint_dir, state, (train_idx, val_idx, test_idx))
@@ -451,6 +454,10 @@ class SCAR:
     ) -> np.ndarray | pd.DataFrame:
         """Normalized native expression: the native frequencies ``phi`` times ``library_size``.
 
+        With ``weights="importance"`` and ``n_samples_overall``, the ``n_samples`` draws of every cell are
+        resampled with the weights of :meth:`get_importance_weights` (extra keywords go there), as in
+        scvi-tools; without ``n_samples_overall`` the weights are not used (scvi-tools ignores them too).
+
         Rows sum to ``library_size`` (the ambient part removed and the native part renormalised), or, with
         ``library_size="latent"``, the expected native counts ``N (1 - noise_ratio) phi``. Averaged over
         ``n_samples`` draws of z (``return_mean``) or returned per draw ``(n_samples, n_cells, n_genes)``;
@@ -459,16 +466,25 @@ class SCAR:
         not change the result. Returns a DataFrame (genes as columns) unless ``return_numpy`` or
         ``n_samples > 1`` with ``return_mean=False``.
         """
-        if kwargs:
-            raise TypeError(f"get_normalized_expression() got unknown keyword arguments {sorted(kwargs)}")
-        if weights not in (None, "uniform"):
-            raise ValueError("weights must be None or 'uniform' (importance weights are not implemented yet)")
+        unknown = set(kwargs) - IMPORTANCE_KWARGS
+        if unknown:
+            raise TypeError(
+                f"get_normalized_expression() got unknown keyword arguments {sorted(unknown)}; the extra keywords "
+                f"are passed to get_importance_weights: {sorted(IMPORTANCE_KWARGS)}"
+            )
+        if weights not in (None, "uniform", "importance"):
+            raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}")
         self._check_transform_batch(transform_batch)
         latent = isinstance(library_size, str)
         if latent and library_size != "latent":
             raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}")
         n = _positive_int(n_samples, "n_samples")
         cells, rows = self._cells(adata, indices)
+        if weights == "importance" and n_samples_overall is not None:
+            return self._importance_resampled_expression(
+                cells, adata, rows, n, _positive_int(n_samples_overall, "n_samples_overall"), latent,
+                library_size, gene_list, batch_size, return_numpy, seed, kwargs,
+            )
         if n_samples_overall is not None:
             total = _positive_int(n_samples_overall, "n_samples_overall")
             rows = np.random.default_rng(seed).choice(rows, size=total, replace=True)
@@ -491,6 +507,127 @@ class SCAR:
         source = self.adata if adata is None else adata
         index = None if n_samples_overall is not None else np.asarray(source.obs_names)[rows]
         return pd.DataFrame(values, columns=names, index=index)
+
+    def _importance_resampled_expression(
+        self, cells, adata, rows, n, total, latent, library_size, gene_list, batch_size, return_numpy, seed, iw_kwargs
+    ) -> np.ndarray | pd.DataFrame:
+        cfg, v = self.config, self._variables
+
+        def fn(b, k):  # cells first for chunking
+            expression, z = _post.native_expression_and_latent(cfg, v, b, n, latent, k)
+            return jnp.moveaxis(expression, 0, 1), jnp.moveaxis(z, 0, 1)
+
+        key = jax.random.fold_in(self._predict_key, seed)
+        values, zs = _post.map_chunks(fn, cells, rows, batch_size or 1024, key)
+        values, zs = np.moveaxis(values, 1, 0), np.moveaxis(zs, 1, 0)  # (n_samples, n_cells, ...)
+        weights = self.get_importance_weights(adata, rows, zs=zs, seed=seed, **iw_kwargs).astype(np.float64)
+        chosen = np.random.default_rng(seed).choice(weights.size, size=total, replace=True, p=weights / weights.sum())
+        genes = self._gene_mask(gene_list)
+        values = values.reshape(-1, values.shape[-1])[chosen][:, genes] * (1.0 if latent else float(library_size))
+        if return_numpy:
+            return values
+        return pd.DataFrame(values, columns=np.asarray(self.var_names)[genes])
+
+    def get_importance_weights(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        qz: Any = None,
+        px: Any = None,
+        zs: Any = None,
+        max_cells: int = 1024,
+        truncation: bool = False,
+        n_mc_samples: int = 500,
+        n_mc_samples_per_pass: int = 250,
+        *,
+        seed: int = 0,
+        **data_loader_kwargs: Any,
+    ) -> np.ndarray:
+        """Importance weights of latent draws ``zs`` of the cells ``indices`` (scvi-tools semantics).
+
+        Self-normalised weights of each draw ``z_k`` against up to ``max_cells`` anchor cells ``x_a`` of the
+        same cells (:func:`scar_jax.abundance.importance_weights`)::
+
+            log w_k = logsumexp_a [log p(z_k) + log p(x_a | z_k) - log p(x_a)] - logsumexp_a log q(z_k | x_a)
+
+        with ``log p(x_a)`` from :meth:`get_marginal_ll` (``n_mc_samples``). Different from scvi-tools, which
+        rescales the native-only count distribution of each draw to the anchor's library (and cannot do so
+        for the binomial): ``log p(x_a | z_k)`` here is the model's full likelihood at the decoder's output
+        for ``z_k`` (native + ambient mixture with the anchor's library and batch profile), consistent with
+        the marginal likelihood, as matrix products for the binomial and Poisson likelihoods
+        (:func:`scar_jax.posterior.anchor_log_likelihood`).
+
+        Parameters
+        ----------
+        qz
+            The cells' ``q(z | x)``: a ``numpyro`` ``Normal`` or a ``(mean, variance)`` pair, each
+            ``(n_cells, n_latent)``; ``None`` computes it.
+        px
+            Accepted for scvi-tools compatibility and not used (the likelihood is decoded from ``zs``).
+        zs
+            ``(n_cells, n_latent)`` or ``(n_samples, n_cells, n_latent)`` draws; ``None`` draws one per
+            cell from ``qz`` with ``seed``.
+        n_mc_samples_per_pass
+            Accepted for compatibility: samples are evaluated one at a time in compiled code, so memory
+            does not depend on ``n_mc_samples``.
+        seed
+            Seeds the choice of anchors (and ``zs`` when drawn here).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_samples * n_cells,)`` non-negative weights summing to 1, draws flattened sample-major.
+        """
+        unknown = set(data_loader_kwargs) - {"batch_size"}
+        if unknown:
+            raise TypeError(f"get_importance_weights() got unknown keyword arguments {sorted(unknown)}")
+        cells, rows = self._cells(adata, indices)
+        if qz is None:
+            z_mean, z_var = self.get_latent_representation(adata, rows, return_dist=True)
+        elif hasattr(qz, "loc") and hasattr(qz, "scale"):
+            z_mean, z_var = np.asarray(qz.loc), np.asarray(qz.scale) ** 2
+        else:
+            z_mean, z_var = (np.asarray(a) for a in qz)
+        n_latent = self.config.n_latent
+        if z_mean.shape != (len(rows), n_latent) or z_var.shape != z_mean.shape:
+            raise ValueError(
+                f"qz must hold (n_cells, n_latent) = {(len(rows), n_latent)} means and variances for the "
+                f"cells in indices, got {z_mean.shape} and {z_var.shape}"
+            )
+        if zs is None:
+            noise = np.random.default_rng(seed).standard_normal(z_mean.shape)
+            zs = (z_mean + np.sqrt(z_var) * noise).astype(np.float32)
+        zs = np.asarray(zs, np.float32)
+        if zs.ndim not in (2, 3) or zs.shape[-2:] != (len(rows), n_latent):
+            raise ValueError(
+                f"zs must be (n_cells, n_latent) or (n_samples, n_cells, n_latent) with n_cells = {len(rows)} "
+                f"and n_latent = {n_latent}, got {zs.shape}"
+            )
+        anchors = _abundance.select_anchor_cells(len(rows), max_cells, seed)
+        log_px = self.get_marginal_ll(adata, rows[anchors], n_mc_samples, return_mean=False, seed=seed)
+        flat = zs.reshape(-1, n_latent)
+        log_qz = _abundance.anchor_log_qz(flat, z_mean[anchors], z_var[anchors])
+        log_px_z = self._anchor_log_likelihood(cells, rows[anchors], flat)
+        log_pz = _abundance.standard_normal_log_prob(flat)
+        return _abundance.importance_weights(log_px_z, log_pz, log_qz, log_px, truncation)
+
+    def _anchor_log_likelihood(self, cells: _post.HostCells, anchor_rows: np.ndarray, zs: np.ndarray) -> np.ndarray:
+        """``log p(x_a | z_k)`` ``(K, A)``, draws in fixed-size chunks (compiled once)."""
+        anchors = _post.Batch(
+            jnp.asarray(_post._dense_rows(cells.x, anchor_rows)),
+            jnp.asarray(cells.library[anchor_rows], jnp.float32),
+            jnp.asarray(cells.batch_index[anchor_rows], jnp.int32),
+        )
+        cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
+        constant = _post.anchor_log_constant(cfg, anchors)
+        chunk = min(512, len(zs))
+        out = []
+        for start in range(0, len(zs), chunk):
+            block = zs[start : start + chunk]
+            padded = np.concatenate([block, np.zeros((chunk - len(block), zs.shape[1]), np.float32)])
+            values = _post.anchor_log_likelihood(cfg, v, jnp.asarray(padded), anchors, ambient, constant)
+            out.append(np.asarray(values)[: len(block)])
+        return np.concatenate(out)
 
     def get_likelihood_parameters(
         self,
@@ -581,18 +718,30 @@ class SCAR:
         and ``idx2`` may be boolean masks, integer indices or ``obs`` query strings. The expression
         compared is the native frequencies (ambient removed), drawn from the posterior of
         ``n_samples_overall`` random cells per group (see :mod:`scar_jax.de`). SCAR has no batch covariate,
-        so ``batch_correction``/``batchid*`` have no effect; importance weights are not implemented.
+        so ``batch_correction``/``batchid*`` have no effect. ``weights="importance"`` resamples each group's
+        posterior draws with :meth:`get_importance_weights` (``importance_weighting_kwargs`` go there).
         """
-        if weights not in (None, "uniform"):
-            raise ValueError("weights must be 'uniform' (importance weights are not implemented yet)")
-        if importance_weighting_kwargs:
-            raise ValueError("importance_weighting_kwargs are not supported (importance weights not implemented)")
+        if weights not in (None, "uniform", "importance"):
+            raise ValueError(f"weights must be 'uniform' or 'importance', got {weights!r}")
+        iw_kwargs = dict(importance_weighting_kwargs or {})
+        unknown = set(iw_kwargs) - IMPORTANCE_KWARGS
+        if unknown:
+            raise TypeError(
+                f"importance_weighting_kwargs has unknown keys {sorted(unknown)}; allowed: {sorted(IMPORTANCE_KWARGS)}"
+            )
         adata = self.adata if adata is None else adata
         cells, _ = self._cells(adata, None)
 
         def sample_scales(rows: np.ndarray, n: int, sample_seed: int) -> np.ndarray:
             return self.get_normalized_expression(
-                adata, indices=rows, n_samples_overall=n, batch_size=batch_size, seed=sample_seed, return_numpy=True
+                adata,
+                indices=rows,
+                n_samples_overall=n,
+                batch_size=batch_size,
+                seed=sample_seed,
+                return_numpy=True,
+                weights=weights,
+                **(iw_kwargs if weights == "importance" else {}),
             )
 
         def latent(rows: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from .likelihoods import mixture_probs
+from .likelihoods import PROBS_EPS, log_binomial_coefficient, make_likelihood, mixture_probs
 from .nets import SCARNet
 from .vae import (
     Batch,
@@ -113,6 +113,23 @@ def denoised_counts_expected(
     return draws[0] if n_samples == 1 else jnp.median(draws, axis=0)
 
 
+def native_share(native_frequencies: jax.Array, noise_ratio: jax.Array, ambient: jax.Array) -> jax.Array:
+    """Posterior native share of each observed count, ``(n, G)`` in [0, 1].
+
+    ``w = (1 - eps) phi / ((1 - eps) phi + eps a)``, and 0 where both native and ambient mass are 0.
+    ``ambient`` is the per-cell profile ``(n, G)`` or one profile ``(1, G)``.
+    """
+    native = (1.0 - noise_ratio) * native_frequencies
+    total = native + noise_ratio * ambient
+    return jnp.where(total > 0, native / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def split_counts(x: jax.Array, share: jax.Array, cell_keys: jax.Array) -> jax.Array:
+    """``Binomial(x, share)`` draws ``(n, G)`` (float32, integral), one key per cell: ``0 <= draw <= x``."""
+    draws = jax.vmap(lambda k, n, p: jax.random.binomial(k, n, p))(cell_keys, x, share)
+    return draws.astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def denoised_counts_posterior_split(
     config: SCARConfig,
@@ -139,14 +156,10 @@ def denoised_counts_posterior_split(
     def one_draw(s):
         keys = fold_in_each(cell_keys, s)
         out, _ = forward(_net(config), variables, batch.x, keys, train=False)
-        native = (1.0 - out.noise_ratio) * out.native_frequencies
-        total = native + out.noise_ratio * ambient
-        share = jnp.where(total > 0, native / jnp.where(total > 0, total, 1.0), 0.0)
+        share = native_share(out.native_frequencies, out.noise_ratio, ambient)
         if not sample:
             return batch.x * share
-        split_keys = fold_in_each(keys, 2)
-        draws = jax.vmap(lambda k, n, p: jax.random.binomial(k, n, p))(split_keys, batch.x, share)
-        return draws.astype(jnp.float32)
+        return split_counts(batch.x, share, fold_in_each(keys, 2))
 
     draws = jax.lax.map(one_draw, jnp.arange(n_samples))  # (n_samples, n, G)
     if not sample:
@@ -321,3 +334,96 @@ def likelihood_parameters(
     probs = mixture_probs(native_frequencies, noise_ratio, cell_ambient_profile(ambient_profile, batch.batch_index))
     theta = jnp.broadcast_to(net.apply(variables, method="dispersion"), probs.shape)
     return batch.library * probs, theta, jax.nn.sigmoid(zi_logits)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def native_expression_and_latent(
+    config: SCARConfig,
+    variables: dict[str, Any],
+    batch: Batch,
+    n_samples: int,
+    latent_library: bool,
+    cell_keys: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """The draws of :func:`native_expression_samples` ``(S, n, G)`` with their latent draws z ``(S, n, L)``.
+
+    Same keys, hence the same draws; the z are what importance weights are computed for.
+    """
+
+    def one_draw(s):
+        keys = fold_in_each(cell_keys, s)
+        out, _ = forward(_net(config), variables, batch.x, keys, train=False)
+        expression = out.native_frequencies
+        if latent_library:
+            expression = batch.library * (1.0 - out.noise_ratio) * expression
+        return expression, out.z
+
+    return jax.lax.map(one_draw, jnp.arange(n_samples))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def anchor_log_constant(config: SCARConfig, anchors: Batch) -> jax.Array:
+    """The parameter-free part of ``log p(x_a | z)`` for each anchor cell, ``(A,)``.
+
+    Binomial: ``sum_g log C(N_a, x_ag)``; Poisson: ``-sum_g log x_ag!``; NB/ZINB: 0 (not separable).
+    """
+    if config.gene_likelihood == "b":
+        total_count = jnp.round(anchors.library)
+        return log_binomial_coefficient(total_count, anchors.x).sum(-1)
+    if config.gene_likelihood == "poisson":
+        return -jax.scipy.special.gammaln(anchors.x + 1.0).sum(-1)
+    return jnp.zeros(anchors.x.shape[0])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def anchor_log_likelihood(
+    config: SCARConfig,
+    variables: dict[str, Any],
+    z: jax.Array,
+    anchors: Batch,
+    ambient_profile: jax.Array,
+    log_constant: jax.Array,
+) -> jax.Array:
+    """``log p(x_a | z_k)`` of every anchor cell ``a`` under every latent draw ``z_k``, ``(K, A)``.
+
+    The full likelihood of the model (the ambient mixture with the anchor's own library and its batch's
+    ambient profile) at the native frequencies and noise ratio decoded from ``z_k`` ``(K, L)``. For the
+    binomial and Poisson likelihoods the sum over genes is a matrix product::
+
+        binomial:  log C(N_a, x_a) + x_a . (log p_k - log(1 - p_k)) + N_a sum_g log(1 - p_kg)
+        Poisson:   -sum_g log x_ag! + x_a . log p_k + N_x_a log l_a - l_a sum_g p_kg
+
+    (``p`` clamped as :func:`~scar_jax.likelihoods.make_likelihood` does for the binomial, and at 1e-30
+    inside the Poisson log, where a positive count at rate 0 has log-probability ``-inf`` anyway);
+    ``log_constant`` is :func:`anchor_log_constant`. NB and ZINB are evaluated gene by gene, one draw at
+    a time.
+    """
+    net = _net(config)
+    native_frequencies, noise_ratio, zi_logits = net.apply(variables, z, method="decode")
+    x, library = anchors.x, anchors.library
+    if config.gene_likelihood in ("b", "poisson"):
+        total = jnp.zeros((z.shape[0], x.shape[0]), jnp.float32)
+        for b in range(ambient_profile.shape[0]):  # one mixture per ambient profile (batch)
+            p = mixture_probs(native_frequencies, noise_ratio, ambient_profile[b][None])  # (K, G)
+            if config.gene_likelihood == "b":
+                p = jnp.clip(p, PROBS_EPS, 1.0 - PROBS_EPS)
+                log_not = jnp.log1p(-p)
+                term = (jnp.log(p) - log_not) @ x.T + log_not.sum(-1, keepdims=True) * jnp.round(library).T
+            else:
+                term = (
+                    jnp.log(jnp.maximum(p, 1e-30)) @ x.T
+                    + (x.sum(-1, keepdims=True) * jnp.log(library)).T
+                    - p.sum(-1, keepdims=True) * library.T
+                )
+            total = term if ambient_profile.shape[0] == 1 else jnp.where(anchors.batch_index[None] == b, term, total)
+        return total + log_constant[None]
+    theta = net.apply(variables, method="dispersion")
+    ambient = cell_ambient_profile(ambient_profile, anchors.batch_index)
+
+    def one_draw(k):
+        probs = mixture_probs(native_frequencies[k][None], noise_ratio[k][None], ambient)  # (A, G)
+        zi = jnp.broadcast_to(zi_logits[k][None], x.shape)
+        return make_likelihood(config.gene_likelihood, probs, library, theta, zi).log_prob(x).sum(-1)
+
+    return jax.lax.map(one_draw, jnp.arange(z.shape[0]))
+

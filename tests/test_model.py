@@ -362,6 +362,63 @@ def test_setup_record_api(capsys):
     assert model.device == jax.devices()[0]
 
 
+def test_transfer_fields_update_setup_args_registry_and_managers(tmp_path):
+    adata = simulate(n_cells=100, n_genes=20, n_batches=2, seed=5)
+    SCAR.setup_anndata(adata, batch_key="batch")
+    model = SCAR(adata, **SMALL)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    # a new AnnData: same genes, batches reordered in its categories, not set up
+    new = adata[::-1].copy()
+    del new.uns["_scar_jax"]
+    new.obs["batch"] = new.obs["batch"].cat.reorder_categories(["batch_1", "batch_0"])
+    assert model.get_anndata_manager(new) is None
+    with pytest.raises(ValueError, match="transfer_fields"):
+        model.get_anndata_manager(new, required=True)
+    before = new.copy()
+    model.transfer_fields(new)
+    assert set(new.uns) - set(before.uns) == {"_scar_jax"} and new.obs.equals(before.obs)  # only the record
+    assert new.uns["_scar_jax"]["batch_categories"] == ["batch_0", "batch_1"]  # the model's order
+    assert model.get_anndata_manager(new, required=True) == model.spec
+    np.testing.assert_array_equal(  # codes follow the model's categories, so outputs match cell for cell
+        model.get_from_registry(new, "batch").ravel()[::-1], model.get_from_registry(adata, "batch").ravel()
+    )
+    np.testing.assert_allclose(model.get_latent_representation(new)[::-1], model.get_latent_representation())
+    with pytest.raises(ValueError, match="extend_categories"):
+        model.transfer_fields(new, extend_categories=True)
+    other = new.copy()
+    other.obs["batch"] = other.obs["batch"].cat.rename_categories({"batch_1": "batch_9"})
+    with pytest.raises(ValueError, match="batch_9"):
+        model.transfer_fields(other)
+    with pytest.raises(ValueError, match="genes"):
+        model.transfer_fields(new[:, ::-1].copy())
+    # deregister: the record is forgotten (the model's own AnnData stays)
+    model.deregister_manager(new)
+    assert model.get_anndata_manager(new) is None and model.get_anndata_manager(adata) == model.spec
+    SCAR.register_manager(new)  # set up above: its record is read
+    assert model.get_anndata_manager(new) == model.spec
+    model.deregister_manager()
+    assert model.get_anndata_manager(new) is None
+    with pytest.raises(TypeError, match="AnnData"):
+        SCAR.register_manager("not an AnnData")
+    # renamed obs column: same categories required
+    adata.obs["lane"] = adata.obs["batch"]
+    model.update_setup_method_args({"batch_key": "lane"})
+    assert model.get_setup_arg("batch_key") == "lane" and adata.uns["_scar_jax"]["batch_key"] == "lane"
+    adata.obs["bad"] = "x"
+    with pytest.raises(ValueError, match="batch_key='bad'"):
+        model.update_setup_method_args({"batch_key": "bad"})
+    assert model.get_setup_arg("batch_key") == "lane"  # unchanged after a refused update
+    with pytest.raises(ValueError, match="unknown keys"):
+        model.update_setup_method_args({"nope": 1})
+    # the saved registry, without loading the model
+    model.save(tmp_path / "m")
+    registry = SCAR.load_registry(str(tmp_path / "m"))
+    assert registry["setup_args"]["batch_key"] == "lane" and registry["categories"]["batch"] == ["batch_0", "batch_1"]
+    assert registry["model_args"]["n_genes"] == 20 and registry["is_trained"] and registry["scar_jax_version"]
+    with pytest.raises(ValueError):
+        SCAR.load_registry(str(tmp_path / "missing"))
+
+
 def test_checkpoints_resume_to_the_uninterrupted_result(tmp_path):
     adata = simulate(n_cells=200, n_genes=30, seed=5)
     SCAR.setup_anndata(adata)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from typing import Any, Literal
 
 import anndata
@@ -1205,6 +1206,148 @@ class SCAR:
         raise ValueError(
             f"registry_key must be 'X', 'batch', 'labels' or 'size_factor' (if set up), got {registry_key!r}"
         )
+
+    def transfer_fields(self, adata: anndata.AnnData, extend_categories: bool = False, **kwargs: Any) -> None:
+        """Set ``adata`` up the way the model's AnnData is (scvi-tools' ``transfer_fields``).
+
+        Checks that ``adata`` has the model's genes in the same order and the setup's ``obs`` columns and
+        layer, that its batch categories are ones the model was trained with, then writes the model's setup
+        record (layer, keys and the model's category order) to ``adata.uns["_scar_jax"]``, the only field
+        written, and registers it with this model (:meth:`get_anndata_manager`). SCAR has one ambient
+        profile per training batch, so new batch categories cannot be added: ``extend_categories=True``
+        raises ``ValueError``.
+        """
+        if kwargs:
+            raise TypeError(f"transfer_fields() got unknown keyword arguments {sorted(kwargs)}")
+        if extend_categories:
+            raise ValueError(
+                "extend_categories=True is not possible for SCAR: each batch needs its own ambient profile from "
+                "training; train a model on the new batches instead"
+            )
+        self._check_compatible(adata)
+        adata.uns[_data.UNS_KEY] = self.spec.to_dict()
+        self._instance_records()[id(adata)] = (weakref.ref(adata), self.spec)
+
+    def _check_compatible(self, adata: anndata.AnnData) -> None:
+        """``ValueError`` naming the field unless the model can read ``adata`` (genes, layer, keys, batches)."""
+        if not isinstance(adata, anndata.AnnData):
+            raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
+        _data.check_genes(adata, self.var_names)
+        spec = self.spec
+        if spec.layer is not None and spec.layer not in adata.layers:
+            raise ValueError(f"layer={spec.layer!r} (the model's setup) is not in adata.layers; add it")
+        for name in ("batch_key", "labels_key", "size_factor_key"):
+            key = getattr(spec, name)
+            if key is not None and key not in adata.obs:
+                raise ValueError(f"{name}={key!r} (the model's setup) is not a column of adata.obs; add it")
+        _data.batch_index(adata, spec)  # unseen batch categories: ValueError naming them
+
+    def update_setup_method_args(self, setup_method_args: dict[str, Any]) -> None:
+        """Update recorded ``setup_anndata`` arguments, e.g. after renaming a layer or an ``obs`` column.
+
+        Keys: ``layer``, ``batch_key``, ``labels_key``, ``size_factor_key``. The model's AnnData must have
+        the new fields, and a renamed batch or labels column must hold the same categories (the model's
+        ambient profiles and codes depend on them). Updates the model's record and
+        ``adata.uns["_scar_jax"]`` of the model's AnnData.
+        """
+        if not isinstance(setup_method_args, dict):
+            raise TypeError(f"setup_method_args must be a dict, got {type(setup_method_args).__name__}")
+        unknown = set(setup_method_args) - set(self._setup_args(self.spec))
+        if unknown:
+            raise ValueError(
+                f"setup_method_args has unknown keys {sorted(unknown)}; allowed: {sorted(self._setup_args(self.spec))}"
+            )
+        new = dataclasses.replace(self.spec, **setup_method_args)
+        for name, key in (("batch_key", "batch_categories"), ("labels_key", "labels_categories")):
+            if getattr(new, name) != getattr(self.spec, name):
+                column = getattr(new, name)
+                found = _data.categories(self.adata, column) if column in self.adata.obs else None
+                if found != getattr(self.spec, key):
+                    raise ValueError(
+                        f"{name}={getattr(new, name)!r} must be a column of adata.obs with the model's categories "
+                        f"{list(getattr(self.spec, key))}, found {None if found is None else list(found)}"
+                    )
+        old_spec, self.spec = self.spec, new
+        try:
+            self._check_compatible(self.adata)
+        except (ValueError, TypeError):
+            self.spec = old_spec
+            raise
+        self.adata.uns[_data.UNS_KEY] = new.to_dict()
+
+    @staticmethod
+    def load_registry(dir_path: str, prefix: str | None = None) -> dict[str, Any]:
+        """The setup and model record saved with a model, without loading weights or data.
+
+        ``{"setup_args", "categories", "model_args", "var_names", "scar_jax_version", "format_version",
+        "is_trained"}``; missing, truncated or foreign directories raise ``ValueError`` as :meth:`load` does.
+        """
+        manifest, _, _ = _io.read_model_dir(dir_path, prefix)
+        spec = _data.AnnDataSpec.from_dict(manifest["spec"])
+        return {
+            "setup_args": SCAR._setup_args(spec),
+            "categories": {"batch": list(spec.batch_categories), "labels": list(spec.labels_categories)},
+            "model_args": dict(manifest["config"]),
+            "var_names": list(manifest["var_names"]),
+            "scar_jax_version": manifest.get("scar_jax_version"),
+            "format_version": manifest.get("format_version"),
+            "is_trained": bool(manifest["is_trained"]),
+        }
+
+    # setup records by AnnData (scvi-tools' AnnDataManager stores, over the plain AnnDataSpec record)
+    _class_records: dict[int, tuple[weakref.ref, _data.AnnDataSpec]] = {}
+
+    def _instance_records(self) -> dict[int, tuple[weakref.ref, _data.AnnDataSpec]]:
+        return self.__dict__.setdefault("_records", {})
+
+    @classmethod
+    def register_manager(cls, adata_manager: anndata.AnnData | tuple[anndata.AnnData, _data.AnnDataSpec]) -> None:
+        """Register the setup record of an AnnData with the class (scvi-tools' ``register_manager``).
+
+        ``adata_manager`` is an AnnData set up with :meth:`setup_anndata` (its record is read) or an
+        ``(adata, AnnDataSpec)`` pair. A later registration for the same AnnData replaces the earlier one.
+        """
+        if isinstance(adata_manager, tuple) and len(adata_manager) == 2:
+            adata, spec = adata_manager
+            if not isinstance(spec, _data.AnnDataSpec):
+                raise TypeError(f"expected (AnnData, AnnDataSpec), got a {type(spec).__name__} record")
+        else:
+            adata = adata_manager
+            if not isinstance(adata, anndata.AnnData):
+                kind = type(adata).__name__
+                raise TypeError(f"adata_manager must be an AnnData or (AnnData, AnnDataSpec), got {kind}")
+            spec = _data.read_spec(adata)
+        cls._class_records[id(adata)] = (weakref.ref(adata), spec)
+
+    def deregister_manager(self, adata: anndata.AnnData | None = None) -> None:
+        """Forget the setup record of ``adata`` (class and instance stores); ``None``: all but the model's own."""
+        for store in (type(self)._class_records, self._instance_records()):
+            for key in list(store):
+                target = store[key][0]()
+                if (adata is None and target is not self.adata) or (adata is not None and target is adata):
+                    del store[key]
+
+    def get_anndata_manager(self, adata: anndata.AnnData, required: bool = False) -> _data.AnnDataSpec | None:
+        """The setup record the model uses for ``adata`` (scvi-tools' ``get_anndata_manager``).
+
+        The model's own AnnData gives the model's record; another AnnData gives its record from
+        :meth:`transfer_fields` or :meth:`register_manager` if it is compatible with the model. ``None`` when
+        there is none, or ``ValueError`` saying how to make one when ``required``.
+        """
+        if adata is self.adata:
+            return self.spec
+        for store in (self._instance_records(), type(self)._class_records):
+            entry = store.get(id(adata))
+            if entry is not None and entry[0]() is adata:
+                if entry[1] != self.spec:
+                    break  # set up differently from the model
+                return entry[1]
+        if required:
+            raise ValueError(
+                "adata has no setup record compatible with this model; call model.transfer_fields(adata) "
+                "(or SCAR.setup_anndata with the model's arguments)"
+            )
+        return None
 
     @property
     def data_registry(self) -> dict[str, dict[str, str | None]]:

@@ -6,11 +6,14 @@
   running statistics, optimizer state, step and key data) and the ambient profile.
 
 The directory is first written under a temporary name beside the target and then renamed, so an
-interrupted save never leaves a half-written model where a good one was.
+interrupted save never leaves a half-written model where a good one was. Replacing a directory takes
+two renames (the old one aside, the new one in); a process killed between them leaves the previous
+version beside the target as ``.{name}.old-{pid}``, and the next read puts it back.
 """
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
@@ -93,8 +96,24 @@ def write_model_dir(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def restore_interrupted_save(dir_path: str | os.PathLike) -> None:
+    """Put back the previous version of ``dir_path`` if a save was killed between its two renames.
+
+    Then ``dir_path`` is missing and the previous version is ``.{name}.old-{pid}`` beside it (the most
+    recent one is restored). Nothing happens when ``dir_path`` exists.
+    """
+    target = Path(dir_path)
+    if target.exists() or not target.parent.is_dir():
+        return
+    pattern = glob.escape(f".{target.name}.old-") + "*"
+    olds = [p for p in target.parent.glob(pattern) if p.is_dir() and any(p.glob(f"*{MANIFEST}"))]
+    if olds:
+        max(olds, key=lambda p: p.stat().st_mtime).rename(target)
+
+
 def has_model(dir_path: str | os.PathLike, prefix: str | None = None) -> bool:
     """Whether ``dir_path`` holds a scar-jax save (its manifest and state files)."""
+    restore_interrupted_save(dir_path)
     manifest_name, state_name, _ = file_names(prefix)
     return (Path(dir_path) / manifest_name).is_file() and (Path(dir_path) / state_name).is_file()
 
@@ -104,6 +123,7 @@ def read_model_dir(dir_path: str | os.PathLike, prefix: str | None = None) -> tu
     from . import __version__
 
     path = Path(dir_path)
+    restore_interrupted_save(path)
     manifest_name, state_name, adata_name = file_names(prefix)
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory saved by SCAR.save")

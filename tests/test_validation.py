@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import warnings
+from pathlib import Path
 
 import anndata as ad
 import jax
@@ -13,6 +17,7 @@ import scipy.sparse as sp
 
 from scar_jax import SCAR
 from scar_jax.datasets import simulate
+from scar_jax.io import FORMAT_VERSION
 
 SMALL = dict(n_hidden=8, n_latent=2)
 
@@ -56,6 +61,19 @@ def set_up(adata):
     SCAR.setup_anndata(adata)
 
 
+def first_cells(n: int):
+    """A new, set-up AnnData of the first ``n`` cells (a ``prepare`` may return the AnnData to use)."""
+
+    def prepare(adata):
+        small = adata[:n].copy()
+        with warnings.catch_warnings():  # a few cells leave some genes without counts: warned, not refused
+            warnings.simplefilter("ignore", UserWarning)
+            SCAR.setup_anndata(small)
+        return small
+
+    return prepare
+
+
 def set_up_with_size_factor(value):
     def prepare(adata):
         adata.obs["sf"] = value
@@ -67,6 +85,12 @@ def set_up_with_size_factor(value):
 def nan_x(adata):
     x = dense(adata)
     x[0, 0] = np.nan
+    return x
+
+
+def inf_dense(adata):
+    x = dense(adata)
+    x[1, 2] = np.inf
     return x
 
 
@@ -82,7 +106,7 @@ def zero_cell(adata):
     return x
 
 
-# (name, prepare(adata) or None, call(adata), exception, message fragment)
+# (name, prepare(adata) or None, call(adata), exception, message fragment); prepare may return another AnnData
 SETUP_CASES = [
     ("non-integer dense X", set_x(lambda a: dense(a) + 0.5), setup(), ValueError, "non-integer"),
     ("non-integer sparse X", set_x(lambda a: a.X.astype(np.float32) * 0.5), setup(), ValueError, "non-integer"),
@@ -92,8 +116,11 @@ SETUP_CASES = [
     ("inf sparse X", set_x(inf_sparse), setup(), ValueError, "infinite"),
     ("non-integer layer", with_layer(lambda a: dense(a) * 0.3), setup(layer="counts"), ValueError, "layers"),
     ("NaN layer", with_layer(nan_x), setup(layer="counts"), ValueError, "layers"),
+    ("negative sparse layer", with_layer(lambda a: -a.X), setup(layer="counts"), ValueError, "layers"),
+    ("inf dense X", set_x(inf_dense), setup(), ValueError, "infinite"),
     ("string X", set_x(lambda a: np.full(a.shape, "a")), setup(), TypeError, "numbers"),
     ("cell with zero counts", set_x(zero_cell), setup(), ValueError, "zero counts"),
+    ("cell with zero counts in a layer", with_layer(zero_cell), setup(layer="counts"), ValueError, "layers"),
     ("empty AnnData", None, lambda a: SCAR.setup_anndata(a[:0].copy()), ValueError, "empty"),
     ("not an AnnData", None, lambda a: SCAR.setup_anndata(a.X), TypeError, "AnnData"),
     ("unknown batch_key", None, setup(batch_key="nope"), ValueError, "batch_key"),
@@ -158,6 +185,9 @@ SETUP_CASES = [
         ValueError,
         "columns",
     ),
+    # fewer cells than a batch: one smaller minibatch (test below), unless < 3 training cells remain
+    ("2 cells (fewer than 3 to train on)", first_cells(2), lambda a: SCAR(a, **SMALL).train(), ValueError, "2 cells"),
+    ("1 cell", first_cells(1), lambda a: SCAR(a, **SMALL).train(batch_size=1), ValueError, "batch_size"),
     (
         "size factors with binomial",
         set_up_with_size_factor(1.0),
@@ -214,6 +244,12 @@ MODEL_CASES = [
     ),
     ("max_epochs 0", lambda a: model_call(lambda m, _: m.train(max_epochs=0)), ValueError, "max_epochs"),
     ("batch_size 0", lambda a: model_call(lambda m, _: m.train(max_epochs=1, batch_size=0)), ValueError, "batch_size"),
+    (  # a minibatch of one cell: BatchNorm's batch variance is 0 (PyTorch refuses it too)
+        "batch_size 1",
+        lambda a: model_call(lambda m, _: m.train(max_epochs=1, batch_size=1)),
+        ValueError,
+        "batch_size=1",
+    ),
     (
         "unknown accelerator",
         lambda a: model_call(lambda m, _: m.train(max_epochs=1, accelerator="qpu")),
@@ -242,7 +278,7 @@ def _unseen_batch(adata):
 def test_setup_and_model_errors_leave_adata_unchanged(name, prepare, call, exc, match):
     adata = fresh()
     if prepare is not None:
-        prepare(adata)
+        adata = prepare(adata) or adata
     before = adata.copy()
     with pytest.raises(exc, match=match):
         call(adata)
@@ -256,6 +292,98 @@ def test_inference_errors_leave_adata_unchanged(name, make, exc, match):
     call = _unseen_batch if make is None else make(adata)
     with pytest.raises(exc, match=match):
         call(adata)
+    assert_same(adata, before)
+
+
+def corrupt(edit):
+    """A saved copy of the trained model in ``folder / "model"``, edited by ``edit(path)``."""
+
+    def make(folder: Path) -> Path:
+        path = folder / "model"
+        trained()[1].save(str(path))
+        edit(path)
+        return path
+
+    return make
+
+
+def truncate_state(path: Path) -> None:
+    data = (path / "state.msgpack").read_bytes()
+    (path / "state.msgpack").write_bytes(data[: len(data) // 2])
+
+
+def truncate_manifest(path: Path) -> None:
+    text = (path / "manifest.json").read_text()
+    (path / "manifest.json").write_text(text[: len(text) // 3])
+
+
+def newer_format(path: Path) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] += 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def foreign(path: Path) -> None:
+    for name in os.listdir(path):
+        os.remove(path / name)
+    (path / "weights.bin").write_bytes(b"not a model")
+
+
+def scvi_tools_save(path: Path) -> None:
+    foreign(path)
+    (path / "model.pt").write_bytes(b"\x80\x02not really torch")
+
+
+def load(path: Path, adata: ad.AnnData) -> None:
+    SCAR.load(str(path), adata)
+
+
+def load_reordered(path: Path, adata: ad.AnnData) -> None:
+    SCAR.load(str(path), adata[:, ::-1].copy())
+
+
+def save_again(path: Path, adata: ad.AnnData) -> None:
+    trained()[1].save(str(path))
+
+
+saved = corrupt(lambda path: None)
+
+
+# (name, make(folder) -> directory, call(directory, adata), exception, message fragment)
+PERSISTENCE_CASES = [
+    ("save onto an existing directory", saved, save_again, ValueError, "overwrite"),
+    ("load a missing directory", lambda f: f / "missing", load, ValueError, "missing is not a directory"),
+    ("load a truncated state", corrupt(truncate_state), load, ValueError, "truncated"),
+    ("load a truncated manifest", corrupt(truncate_manifest), load, ValueError, "manifest.json is corrupted"),
+    ("load a foreign directory", corrupt(foreign), load, ValueError, "not a scar-jax model directory"),
+    ("load a scvi-tools save", corrupt(scvi_tools_save), load, ValueError, "scvi-tools"),
+    ("load a newer format version", corrupt(newer_format), load, ValueError, f"save format {FORMAT_VERSION + 1}"),
+    ("load with genes in another order", saved, load_reordered, ValueError, "var_names"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "call", "exc", "match"), PERSISTENCE_CASES, ids=[c[0] for c in PERSISTENCE_CASES]
+)
+def test_persistence_errors_leave_adata_unchanged(name, make, call, exc, match, tmp_path):
+    directory = make(tmp_path)
+    adata = trained_adata()
+    before, model_before = adata.copy(), trained()[0].copy()
+    with pytest.raises(exc, match=match):
+        call(directory, adata)
+    assert_same(adata, before)
+    assert_same(trained()[0], model_before)  # the model's own AnnData too
+
+
+def test_unnormalised_ambient_profile_is_normalised_with_a_warning():
+    """Decision: an ambient profile that does not sum to 1 (counts, say) is normalised, with a warning."""
+    adata = fresh()
+    SCAR.setup_anndata(adata)
+    before = adata.copy()
+    profile = np.arange(1.0, 13.0)  # counts of an empty-droplet pool, not frequencies
+    with pytest.warns(UserWarning, match="ambient_profile does not sum to 1.*normalising"):
+        model = SCAR(adata, ambient_profile=profile, **SMALL)
+    np.testing.assert_allclose(model.ambient_profile[0], profile / profile.sum(), rtol=1e-6)
     assert_same(adata, before)
 
 
@@ -310,3 +438,51 @@ def test_adversarial_but_valid_data_trains_without_nan(likelihood):
     assert np.isfinite(noise).all() and ((noise >= 0) & (noise <= 1)).all()
     denoised = model.get_denoised_counts().toarray()
     assert (denoised <= x).all()
+
+
+def with_zero_genes(adata: ad.AnnData, genes=(0, 3, 7)) -> ad.AnnData:
+    x = dense(adata)
+    x[:, list(genes)] = 0
+    adata.X = sp.csr_matrix(x)
+    return adata
+
+
+def test_genes_with_zero_counts_are_accepted_with_a_warning():
+    """Real matrices keep genes that no cell expresses: a warning naming them and the fix, not an error."""
+    adata = with_zero_genes(fresh())
+    before = adata.copy()
+    with pytest.warns(UserWarning, match=r"adata\.X has 3 of 12 genes with zero counts") as record:
+        SCAR.setup_anndata(adata)
+    message = str(record[0].message)
+    assert "gene_0000" in message and "gene_0003" in message and "filter_genes(adata, min_counts=1)" in message
+    assert set(adata.uns) - set(before.uns) == {"_scar_jax"}  # only the setup record was written
+    adata.uns.pop("_scar_jax")
+    assert_same(adata, before)
+
+
+@pytest.mark.parametrize("likelihood", ["poisson"])
+def test_genes_with_zero_counts_train_to_finite_results(likelihood):
+    """Their default ambient share is 0 and their native frequency can be exactly 0: the probability of
+    the observed 0 is then 1, with finite gradients, for every likelihood (tests/test_properties.py
+    checks all four at probability 0). Poisson is trained here: its ``xlogy`` gave a NaN gradient at rate
+    0 and count 0, so this data diverged in the first epoch before ``PoissonZeroSafe``."""
+    adata = with_zero_genes(fresh())
+    with pytest.warns(UserWarning, match="zero counts"):
+        SCAR.setup_anndata(adata, batch_key="batch")
+    model = SCAR(adata, gene_likelihood=likelihood, **SMALL)
+    assert (model.ambient_profile[:, [0, 3, 7]] == 0).all()
+    model.train(max_epochs=5, batch_size=16, train_size=1.0, enable_progress_bar=False)  # no validation compile
+    assert np.isfinite([row["train_loss_epoch"] for row in model.history_rows]).all()
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(model._variables))
+    denoised = model.get_denoised_counts().toarray()
+    assert (denoised[:, [0, 3, 7]] == 0).all() and (denoised <= dense(adata)).all()
+
+
+def test_fewer_cells_than_a_batch_train_as_one_smaller_minibatch():
+    adata = fresh()[:10].copy()  # 9 training cells, batch_size 128
+    SCAR.setup_anndata(adata)
+    model = SCAR(adata, **SMALL)
+    model.train(max_epochs=3, enable_progress_bar=False)
+    assert len(model.train_indices) == 9 and len(model.validation_indices) == 1
+    assert int(model._state.step) == 3  # one optimizer step (one minibatch) per epoch
+    assert np.isfinite([row["train_loss_epoch"] for row in model.history_rows]).all()

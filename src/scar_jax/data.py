@@ -64,7 +64,12 @@ def setup_anndata(
     layer: str | None = None,
     size_factor_key: str | None = None,
 ) -> AnnDataSpec:
-    """Validate the keys and counts, and record the setup in ``adata.uns["_scar_jax"]`` (no copy of X)."""
+    """Validate the keys and counts, and record the setup in ``adata.uns["_scar_jax"]`` (no copy of X).
+
+    Refused (``ValueError``/``TypeError`` naming the field): counts that are not finite non-negative
+    integers, cells with zero counts, an empty AnnData, unknown keys. Genes with zero counts in every
+    cell are accepted with a ``UserWarning`` (see :func:`warn_zero_genes`).
+    """
     if not isinstance(adata, anndata.AnnData):
         raise TypeError(f"adata must be an anndata.AnnData, got {type(adata).__name__}")
     if adata.n_obs == 0 or adata.n_vars == 0:
@@ -82,9 +87,30 @@ def setup_anndata(
         batch_categories=categories(adata, batch_key),
         labels_categories=categories(adata, labels_key),
     )
-    validate_counts(get_counts(adata, spec), "adata.X" if layer is None else f"adata.layers[{layer!r}]")
+    field = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    counts = get_counts(adata, spec)
+    validate_counts(counts, field)
+    warn_zero_genes(counts, adata.var_names, field)
     adata.uns[UNS_KEY] = spec.to_dict()
     return spec
+
+
+def warn_zero_genes(x: np.ndarray | sp.spmatrix, var_names: pd.Index, field: str) -> None:
+    """Warn (do not refuse) when genes have zero counts in every cell.
+
+    Real matrices often keep such genes. They are harmless: their default ambient share is 0 and every
+    likelihood gives them probability 1 with finite gradients, so training is unaffected and their
+    count-preserving denoised counts are 0. They only cost memory and time.
+    """
+    zero = np.flatnonzero(np.asarray(x.sum(axis=0)).ravel() == 0)
+    if zero.size:
+        names = [str(name) for name in var_names[zero[:5]]]
+        warnings.warn(
+            f"{field} has {zero.size} of {len(var_names)} genes with zero counts in every cell (e.g. {names}); "
+            "they are kept but carry no information: remove them with scanpy.pp.filter_genes(adata, min_counts=1)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def read_spec(adata: anndata.AnnData) -> AnnDataSpec:

@@ -100,6 +100,8 @@ def split_indices(
     ``n_train = ceil(train_size * n)``; ``n_val = n - n_train`` unless ``validation_size`` is given
     (then ``floor(validation_size * n)``); a last training minibatch of fewer than 3 cells is moved to
     validation (a BatchNorm layer cannot train on it). Validation cells come first in the permutation.
+    Fewer training cells than ``batch_size`` make one smaller minibatch; fewer than 3 training cells, or
+    ``batch_size < 2``, raise ``ValueError``.
     """
     train_size = 0.9 if train_size is None else float(train_size)
     if not 0.0 < train_size <= 1.0:
@@ -113,13 +115,19 @@ def split_indices(
                 f"validation_size must be in [0, 1) with train_size + validation_size <= 1, got {validation_size}"
             )
         n_val = math.floor(validation_size * n_cells)
+    if batch_size is not None and batch_size < 2:
+        raise ValueError(
+            f"batch_size={batch_size}: a minibatch of one cell cannot train the BatchNorm layers (its batch "
+            "variance is 0, so the encoder output would not depend on the cell); use batch_size >= 2 (default 128)"
+        )
     if batch_size is not None and 0 < n_train % batch_size < 3:
         n_val += n_train % batch_size
         n_train -= n_train % batch_size
     if n_train < 3:
         raise ValueError(
-            f"only {n_train} training cells: need at least 3 (and a batch_size no larger than the data); "
-            "use more cells or a larger train_size"
+            f"adata has {n_cells} cells, which leaves {n_train} training cells (train_size={train_size}, "
+            f"batch_size={batch_size}); SCAR needs at least 3 training cells (a last minibatch of 1 or 2 cells "
+            "is moved to validation: BatchNorm cannot train on it). Use more cells or a larger train_size"
         )
     order = np.random.default_rng(seed).permutation(n_cells) if shuffle_set_split else np.arange(n_cells)
     return np.sort(order[n_val : n_val + n_train]), np.sort(order[:n_val]), np.sort(order[n_val + n_train :])

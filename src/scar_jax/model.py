@@ -56,6 +56,25 @@ def _select_device(accelerator: str, devices: int | str | list[int]) -> jax.Devi
     return available[index]
 
 
+def _select_devices(accelerator: str, devices: int | str | list[int]) -> list[jax.Device]:
+    """The devices to train on, with PyTorch Lightning's meaning of ``devices`` (as scvi-tools passes it).
+
+    ``"auto"``: one device; an int ``n``: the first ``n`` devices (``-1``: all); a list: those indices.
+    """
+    if devices in ("auto", None):
+        return [_select_device(accelerator, "auto")]
+    available = jax.devices(_select_device(accelerator, "auto").platform)
+    if isinstance(devices, list | tuple):
+        return [_select_device(accelerator, [int(i)]) for i in devices]
+    count = len(available) if int(devices) == -1 else int(devices)
+    if not 1 <= count <= len(available):
+        raise ValueError(
+            f"devices={devices!r}: {len(available)} {available[0].platform} device(s) here; pass a number from 1 to "
+            f"{len(available)}, -1 for all, or a list of indices"
+        )
+    return available[:count]
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -183,6 +202,18 @@ class SCAR:
         kept sparse on the device and densified per minibatch). Training again continues from the
         current weights with a fresh optimizer, as in scvi-tools.
 
+        Small data: with fewer training cells than ``batch_size`` each epoch is one smaller minibatch; a
+        last minibatch of 1 or 2 cells is moved to validation (as scvi-tools does). ``ValueError`` when
+        fewer than 3 training cells remain or ``batch_size < 2``: BatchNorm cannot train on one cell.
+
+        ``accelerator`` (``"auto"``, ``"cpu"``, ``"gpu"``, ``"tpu"``) and ``devices`` follow PyTorch Lightning:
+        ``"auto"`` trains on one device, an int ``n`` on the first ``n`` (``-1``: all), a list on those
+        indices. With several devices training is data parallel through JAX sharding: one compiled epoch,
+        each minibatch split over the devices, parameters and data replicated (so the data must fit on
+        each device), gradients and BatchNorm moments all-reduced; the result equals one-device training
+        up to float32 summation order. ``batch_size`` must be a multiple of the number of devices. On
+        several hosts, call ``jax.distributed.initialize()`` first (README).
+
         Beyond scvi-tools: with ``checkpoint_dir``, the full training state (parameters, optimizer,
         step, history) is saved atomically every ``checkpoint_every`` epochs and at the end; calling
         ``train`` again with the same ``checkpoint_dir`` (e.g. after a crash) resumes from the last
@@ -206,15 +237,25 @@ class SCAR:
         if max_epochs is None:
             max_epochs = _train.max_epochs_heuristic(n_cells)
         max_epochs = _positive_int(max_epochs, "max_epochs")
-        device = _select_device(accelerator, devices)
+        chosen = _select_devices(accelerator, devices)
+        device = chosen[0]
+        if len(chosen) > 1 and batch_size % len(chosen):
+            raise ValueError(
+                f"batch_size={batch_size} must be a multiple of the number of devices ({len(chosen)}) for data "
+                "parallel training"
+            )
+        # one device: arrays on it; several: replicated over them (each minibatch is split across them)
+        placement = device if len(chosen) == 1 else jax.sharding.NamedSharding(
+            _train.data_parallel_mesh(tuple(chosen)), jax.sharding.PartitionSpec()
+        )
         train_idx, val_idx, test_idx = _train.split_indices(
             n_cells, split["train_size"], split["validation_size"], shuffle_set_split, batch_size, self.seed
         )
         cells = _data.read_cells(self.adata, self.spec, self.config.gene_likelihood)
         resident = _train.CellData(
-            to_device(cells.x, device),
-            jax.device_put(cells.library, device),
-            jax.device_put(cells.batch_index, device),
+            to_device(cells.x, placement),
+            jax.device_put(cells.library, placement),
+            jax.device_put(cells.batch_index, placement),
         )
         tx, train_epoch, evaluate = _train.compiled_training(
             self.config,
@@ -222,7 +263,9 @@ class SCAR:
             float(plan.get("lr", 1e-3)),
             float(plan.get("eps", 0.01)),
             float(plan.get("weight_decay", 1e-6)),
+            tuple(chosen) if len(chosen) > 1 else None,
         )
+        device = placement
         # The epoch donates its state: hand it copies so the model's own arrays and key stay valid.
         variables = jax.tree.map(lambda a: jnp.array(a, copy=True), jax.device_put(self._variables, device))
         key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(self._train_key), copy=True))
@@ -277,6 +320,8 @@ class SCAR:
             raise
         jax.block_until_ready(state.params)
         self.training_time_s = time.perf_counter() - start
+        if len(chosen) > 1:  # inference runs on one device
+            state = jax.device_put(state, chosen[0])
         self._state, self._variables = state, state.variables
         self.history_rows = rows
         self.train_indices, self.validation_indices, self.test_indices = train_idx, val_idx, test_idx

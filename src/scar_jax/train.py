@@ -171,13 +171,38 @@ def make_train_step(
     return train_step
 
 
+def data_parallel_mesh(devices: tuple[jax.Device, ...]) -> jax.sharding.Mesh:
+    """A 1-d device mesh with axis ``"data"``: minibatches are split along it, parameters replicated."""
+    return jax.sharding.Mesh(np.asarray(devices, dtype=object), ("data",))
+
+
+def shard_minibatch(batch: Batch, mesh: jax.sharding.Mesh | None) -> Batch:
+    """Constrain a minibatch to be split over the mesh's ``"data"`` axis (cells), when it divides evenly.
+
+    Inside ``jit`` this is all data parallelism needs: XLA's SPMD partitioner runs the forward and
+    backward pass on each device's cells, all-reduces the gradients (and the BatchNorm batch moments, so
+    the statistics are those of the whole minibatch, as on one device), and keeps the replicated
+    parameters identical on every device.
+    """
+    if mesh is None or batch.x.shape[0] % mesh.size:
+        return batch
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    return jax.lax.with_sharding_constraint(batch, Batch(sharding, sharding, sharding))
+
+
 def make_train_epoch(
-    net: SCARNet, config: SCARConfig, tx: optax.GradientTransformation, batch_size: int
+    net: SCARNet,
+    config: SCARConfig,
+    tx: optax.GradientTransformation,
+    batch_size: int,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[..., tuple[TrainState, EpochSums]]:
     """A donated, jit-compiled epoch: ``(state, data, train_rows, ambient_profile, kl_weight)``.
 
     The training rows are shuffled with a key from ``(state.key, state.step)``, cut into minibatches
-    of ``batch_size`` (plus one final partial minibatch of static size), and scanned.
+    of ``batch_size`` (plus one final partial minibatch of static size), and scanned. With a ``mesh``
+    (:func:`data_parallel_mesh`) each minibatch is split over its devices (:func:`shard_minibatch`);
+    the state and data are expected replicated over the mesh.
     """
     train_step = make_train_step(net, config, tx)
 
@@ -190,7 +215,7 @@ def make_train_epoch(
         total = EpochSums(*(jnp.float32(0.0) for _ in EpochSums._fields))
 
         def body(state, minibatch_rows):
-            return train_step(state, data.batch(minibatch_rows), ambient_profile, kl_weight)
+            return train_step(state, shard_minibatch(data.batch(minibatch_rows), mesh), ambient_profile, kl_weight)
 
         if n_full > 0:
             state, sums = jax.lax.scan(body, state, rows[: n_full * batch_size].reshape(n_full, batch_size))
@@ -203,8 +228,11 @@ def make_train_epoch(
     return train_epoch
 
 
-def make_evaluate(net: SCARNet, config: SCARConfig, batch_size: int) -> Callable[..., EpochSums]:
-    """Jitted evaluation-mode sums over ``rows`` of resident data (validation), in minibatches."""
+def make_evaluate(
+    net: SCARNet, config: SCARConfig, batch_size: int, mesh: jax.sharding.Mesh | None = None
+) -> Callable[..., EpochSums]:
+    """Jitted evaluation-mode sums over ``rows`` of resident data (validation), in minibatches (split over
+    the ``mesh``'s devices when given)."""
 
     @jax.jit
     def evaluate(variables, data: CellData, rows: jax.Array, ambient_profile, kl_weight, key):
@@ -216,7 +244,7 @@ def make_evaluate(net: SCARNet, config: SCARConfig, batch_size: int) -> Callable
 
         def one(args):
             chunk, keys, valid = args
-            batch = data.batch(chunk)
+            batch = shard_minibatch(data.batch(chunk), mesh)
             terms, _ = loss_terms(net, config, variables, batch, ambient_profile, keys, kl_weight, False)
             rec = jnp.where(valid, terms.reconstruction_loss, 0.0)
             kl = jnp.where(valid, terms.kl_local, 0.0)
@@ -231,16 +259,22 @@ def make_evaluate(net: SCARNet, config: SCARConfig, batch_size: int) -> Callable
 
 @functools.lru_cache(maxsize=16)
 def compiled_training(
-    config: SCARConfig, batch_size: int, lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6
+    config: SCARConfig,
+    batch_size: int,
+    lr: float = 1e-3,
+    eps: float = 0.01,
+    weight_decay: float = 1e-6,
+    devices: tuple[jax.Device, ...] | None = None,
 ) -> tuple[optax.GradientTransformation, Callable[..., tuple[TrainState, EpochSums]], Callable[..., EpochSums]]:
     """The optimizer, compiled epoch and compiled validation for a configuration, built once per process.
 
     Models with the same configuration and training settings share compiled code, so training a second
-    model (or training again) does not compile again.
+    model (or training again) does not compile again. Several ``devices``: data parallel over them.
     """
     net = config.make_net()
     tx = make_optimizer(lr, eps, weight_decay)
-    return tx, make_train_epoch(net, config, tx, batch_size), make_evaluate(net, config, batch_size)
+    mesh = data_parallel_mesh(devices) if devices is not None and len(devices) > 1 else None
+    return tx, make_train_epoch(net, config, tx, batch_size, mesh), make_evaluate(net, config, batch_size, mesh)
 
 
 class EarlyStopping(NamedTuple):

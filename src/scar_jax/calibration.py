@@ -161,6 +161,7 @@ def calibrated_native_share(
     alpha: float = 1.0,
     pi0: float = 0.5,
     tol: float = 1e-4,
+    expressed_prior_odds: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated noise ratio ``(n,)`` and native share ``w`` ``(n, G)`` of every cell (module docstring).
 
@@ -181,7 +182,19 @@ def calibrated_native_share(
         result within 20 rounds (5 rounds from 0.4 are not enough).
     alpha, pi0
         Gamma shape of the slab and the starting prior probability that a gene is on.
+    expressed_prior_odds
+        The removal/retention knob ``c > 0`` (default 1: the posterior as derived above). The share
+        uses ``q' = c q / (c q + 1 - q)``, the posterior on-probability with the prior odds
+        ``pi / (1 - pi)`` multiplied by ``c``, in ``w = q' (1 - eps) theta / ((1 - eps) theta + eps a)``.
+        ``c > 1`` demands more evidence before a gene is called off in a neighbourhood (all its
+        counts removed): fewer real counts are lost (the false-removal rate falls) and less
+        contamination is removed; ``c < 1`` the reverse. ``w`` is non-decreasing in ``c`` entry by
+        entry. The knob enters only the final share, not the fit: the noise ratio, ``pi`` and ``s``
+        are those of ``c = 1`` whatever ``c``.
     """
+    odds = float(expressed_prior_odds)
+    if not np.isfinite(odds) or odds <= 0:
+        raise ValueError(f"expressed_prior_odds must be a positive number, got {expressed_prior_odds!r}")
     xd = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
     a = np.asarray(ambient, np.float64).ravel()
     a = a / a.sum()
@@ -198,7 +211,8 @@ def calibrated_native_share(
         q, theta = neighbourhood_posterior(pooled, T, B, a, pi, s, alpha)
         native = (1.0 - eps[:, None]) * theta
         total = native + eps[:, None] * a[None, :]
-        w = q * np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
+        q_share = q if odds == 1.0 else odds * q / (odds * q + (1.0 - q))  # 1 - q first: exact
+        w = q_share * np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
         off, previous = 1.0 - q, eps
         eps = (off * xd).sum(1) / np.maximum(library * (off * a[None, :]).sum(1), _TINY)
         eps = np.clip(eps, 1e-6, 1 - 1e-6)
@@ -210,20 +224,41 @@ def calibrated_native_share(
 
 
 def calibrate_model(
-    model, adata=None, n_neighbours: int = 50, n_iter: int = 50, alpha: float = 1.0
+    model,
+    adata=None,
+    n_neighbours: int = 50,
+    n_iter: int = 50,
+    alpha: float = 1.0,
+    expressed_prior_odds: float = 1.0,
+    batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`calibrated_native_share` for a trained :class:`scar_jax.SCAR` with one ambient profile.
 
     Neighbourhoods are the ``n_neighbours`` nearest cells in the latent representation; the noise
     ratio starts from ``model.get_noise_ratio()``. Returns the calibrated noise ratio ``(n,)`` and the
     native share ``(n, G)``; ``numpy.random.default_rng(seed).binomial(x, share)`` is the
-    count-preserving split, ``x * share`` its mean.
+    count-preserving split, ``x * share`` its mean. ``expressed_prior_odds``: the removal/retention
+    knob of :func:`calibrated_native_share`.
     """
     adata = model.adata if adata is None else adata
     profile = np.asarray(model.ambient_profile, np.float64)
     if profile.shape[0] != 1:
-        raise ValueError("calibrate_model supports one ambient profile (no per-batch profiles) for now")
+        raise ValueError(
+            f"the calibrated noise ratio and denoising support one ambient profile, and this model has "
+            f"{profile.shape[0]} (one per batch). Fit SCAR with a single ambient profile (an "
+            f"ambient_profile of shape (n_genes,), e.g. estimated from all batches' empty droplets "
+            f"together), calibrate each batch's cells with its own single-profile model, or use "
+            f"method='split'"
+        )
     layer = model.spec.layer
     x = adata.X if layer is None else adata.layers[layer]
-    neighbours = knn_indices(model.get_latent_representation(adata), n_neighbours)
-    return calibrated_native_share(x, neighbours, profile[0], model.get_noise_ratio(adata), n_iter, alpha)
+    neighbours = knn_indices(model.get_latent_representation(adata, batch_size=batch_size), n_neighbours)
+    return calibrated_native_share(
+        x,
+        neighbours,
+        profile[0],
+        model.get_noise_ratio(adata, batch_size=batch_size),
+        n_iter,
+        alpha,
+        expressed_prior_odds=expressed_prior_odds,
+    )

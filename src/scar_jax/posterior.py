@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from .likelihoods import PROBS_EPS, log_binomial_coefficient, make_likelihood, mixture_probs
+from .likelihoods import PROBS_EPS, RATE_FLOOR, log_binomial_coefficient, make_likelihood, mixture_probs
 from .nets import SCARNet
 from .vae import (
     Batch,
@@ -393,8 +393,8 @@ def anchor_log_likelihood(
         binomial:  log C(N_a, x_a) + x_a . (log p_k - log(1 - p_k)) + N_a sum_g log(1 - p_kg)
         Poisson:   -sum_g log x_ag! + x_a . log p_k + N_x_a log l_a - l_a sum_g p_kg
 
-    (``p`` clamped as :func:`~scar_jax.likelihoods.make_likelihood` does for the binomial, and at 1e-30
-    inside the Poisson log, where a positive count at rate 0 has log-probability ``-inf`` anyway);
+    (``p`` clamped as :func:`~scar_jax.likelihoods.make_likelihood` does for the binomial, and at
+    ``RATE_FLOOR`` inside the Poisson log, as ``PoissonZeroSafe`` does for the rate);
     ``log_constant`` is :func:`anchor_log_constant`. NB and ZINB are evaluated gene by gene, one draw at
     a time.
     """
@@ -411,7 +411,7 @@ def anchor_log_likelihood(
                 term = (jnp.log(p) - log_not) @ x.T + log_not.sum(-1, keepdims=True) * jnp.round(library).T
             else:
                 term = (
-                    jnp.log(jnp.maximum(p, 1e-30)) @ x.T
+                    jnp.log(jnp.maximum(p, RATE_FLOOR)) @ x.T
                     + (x.sum(-1, keepdims=True) * jnp.log(library)).T
                     - p.sum(-1, keepdims=True) * library.T
                 )

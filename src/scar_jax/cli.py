@@ -146,7 +146,8 @@ def _run_denoise(args: argparse.Namespace) -> int:
     import scipy.sparse as sp
 
     from . import __version__
-    from .model import SCAR, _select_device
+    from .model import SCAR
+    from .setup_record import select_device as _select_device
 
     say = (lambda *a: None) if args.quiet else print
     try:

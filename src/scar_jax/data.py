@@ -270,3 +270,10 @@ def raw_counts(raw_adata: anndata.AnnData) -> sp.csr_matrix:
     ):
         raise ValueError("raw_adata.X must hold raw counts (finite, non-negative integers)")
     return x
+
+
+def positive_int(value: Any, name: str) -> int:
+    """``value`` as an ``int`` if it is a positive integer, else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)

@@ -134,6 +134,10 @@ def split_indices(
 
 
 def init_train_state(variables: dict[str, Any], tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """The state before the first step. The compiled epoch *donates* its state (its buffers are reused), so
+    ``variables`` and ``key`` given here are deleted by the first epoch: pass copies if you use them again
+    (``jax.tree.map(jnp.copy, variables)``; a key: ``jax.random.wrap_key_data(jnp.copy(jax.random.key_data(key)))``).
+    """
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
@@ -337,7 +341,10 @@ def fit(
     rows)`` is called after every epoch (checkpoints). If the loss or any parameter becomes NaN or
     infinite, :class:`TrainingDiverged` is raised carrying the state and history of the last good epoch.
     """
-    from tqdm.auto import tqdm
+    if progress_bar:  # tqdm.auto picks the notebook widget (and warns without ipywidgets): only when shown
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
 
     rows_out: list[dict[str, float]] = list(previous_rows or [])
     best, since_best = math.inf, 0

@@ -12,6 +12,8 @@ Usage::
     python benchmarks/real_pbmc.py                       # the settings of tests/test_real_pbmc.py
     python benchmarks/real_pbmc.py --all-genes --epochs 400
     python benchmarks/real_pbmc.py --sparsity 1.0 --seed 1
+    python benchmarks/real_pbmc.py --calibrated              # + method="calibrated" at expressed_prior_odds 1, 0.1
+    python benchmarks/real_pbmc.py --calibrated --odds 1 0.1 0.01 --sparsity 0.9
 
 Genes are kept when detected in at least ``--min-cells`` cells (marker genes always); the ambient profile is
 restricted to the kept genes and renormalised (the printout says how much soup mass the dropped genes carry).
@@ -19,6 +21,11 @@ For each marker group the table gives the raw counts outside / inside the lineag
 outside (``1 - denoised_out / raw_out``) and kept inside (``denoised_in / raw_in``), for the count-preserving
 ``"split"`` denoising (the default) and the scvi-tools ``"expected"`` reference. Cells annotated ``"?"`` are
 excluded; NK cells are excluded for CD3E (see ``MARKER_GROUPS``).
+
+``--calibrated``: a second table with the same columns for ``get_denoised_counts(method="calibrated",
+n_neighbours=50, expressed_prior_odds=c)`` for each ``c`` of ``--odds`` (issue 10's low-contamination denoising,
+:mod:`scar_jax.calibration`), beside the split, and the calibrated mean noise ratio
+``get_noise_ratio(calibrated=True)`` (its by-type means too).
 """
 
 from __future__ import annotations
@@ -130,6 +137,8 @@ def run(
     sparsity: float = 0.6,
     n_epochs_kl_warmup: int | None = None,
     path: Path = DATA,
+    calibrated_odds: tuple[float, ...] = (),
+    n_neighbours: int = 50,
 ) -> dict:
     adata, profile, dropped_soup = load(path, min_cells, all_genes)
     SCAR.setup_anndata(adata)
@@ -143,7 +152,23 @@ def run(
     noise = model.get_noise_ratio()
     labels = adata.obs["Annotation"].astype(str).to_numpy()
     rho = soup_implied_contamination(adata, profile)
+    calibrated = {}
+    noise_cal = None
+    if calibrated_odds:
+        t0 = time.perf_counter()
+        noise_cal = model.get_noise_ratio(calibrated=True, n_neighbours=n_neighbours)
+        for odds in calibrated_odds:
+            den = model.get_denoised_counts(method="calibrated", n_neighbours=n_neighbours, expressed_prior_odds=odds)
+            calibrated[odds] = marker_stats(adata, den, profile, rho)
+            calibrated[odds]["_above_raw"] = int(((den - adata.X) > 0).sum())
+        calibrate_s = time.perf_counter() - t0
     return {
+        "calibrated": calibrated,
+        "noise_calibrated_mean": None if noise_cal is None else float(noise_cal.mean()),
+        "noise_calibrated_by_type": {}
+        if noise_cal is None
+        else {t: float(noise_cal[labels == t].mean()) for t in np.unique(labels)},
+        "calibrate_s": calibrate_s if calibrated_odds else None,
         "n_cells": adata.n_obs,
         "n_genes": adata.n_vars,
         "dropped_soup": dropped_soup,
@@ -167,11 +192,25 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.6, help="softplus_sp sparsity (scvi-tools default 0.9)")
     parser.add_argument("--kl-warmup", type=int, default=None, help="n_epochs_kl_warmup (default: scvi-tools' 400)")
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--calibrated", action="store_true", help='also method="calibrated" (issue 10)')
+    parser.add_argument("--odds", type=float, nargs="+", default=[1.0, 0.1], help="expressed_prior_odds values")
+    parser.add_argument("--neighbours", type=int, default=50, help='n_neighbours of method="calibrated"')
     args = parser.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"data not found: {args.data} (see shared/data/SOURCES.md)")
 
-    r = run(args.epochs, args.min_cells, args.seed, args.all_genes, args.sparsity, args.kl_warmup, args.data)
+    odds = tuple(args.odds) if args.calibrated else ()
+    r = run(
+        args.epochs,
+        args.min_cells,
+        args.seed,
+        args.all_genes,
+        args.sparsity,
+        args.kl_warmup,
+        args.data,
+        odds,
+        args.neighbours,
+    )
     device = jax.devices()[0]
     genes = "all genes" if args.all_genes else f"genes detected in >= {args.min_cells} cells (+ markers)"
     print(
@@ -204,6 +243,26 @@ def main() -> None:
         "outside the lineage; soup out/in: share of the raw counts the soup-implied contamination explains; "
         "HBB has no counts in these cells; CD3E excludes NK"
     )
+    if odds:
+        print_calibrated(r, args.neighbours)
+
+
+def print_calibrated(r: dict, n_neighbours: int) -> None:
+    """The split beside method="calibrated" at each expressed_prior_odds: removed outside / kept inside."""
+    types = ", ".join(f"{t} {v:.4f}" for t, v in r["noise_calibrated_by_type"].items())
+    print(
+        f"\ncalibrated (n_neighbours {n_neighbours}; {r['calibrate_s']:.1f} s for the noise ratio and "
+        f"{len(r['calibrated'])} denoisings): mean noise ratio {r['noise_calibrated_mean']:.4f} ({types})"
+    )
+    rows = [("split (default)", r["split"], r["split_above_raw"])]
+    rows += [(f"calibrated, odds {c:g}", s, s["_above_raw"]) for c, s in r["calibrated"].items()]
+    groups = [g for g in MARKER_GROUPS if r["split"][g]["raw_in"] > 0]
+    header = f"{'method':<22} | " + " | ".join(f"{g.split(' ')[0] + ' rm out / kept in':>24}" for g in groups)
+    print(header + " | above raw")
+    print("-" * (len(header) + 12))
+    for label, s, above in rows:
+        cells = " | ".join(f"{100 * s[g]['removed_out']:>11.1f}% / {100 * s[g]['kept_in']:>7.2f}%" for g in groups)
+        print(f"{label:<22} | {cells} | {above}")
 
 
 if __name__ == "__main__":

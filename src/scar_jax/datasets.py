@@ -73,6 +73,7 @@ its empty droplets come from the same :func:`simulate_empty_droplets`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Integral, Real
 
 import anndata
@@ -261,6 +262,37 @@ def _even_blocks(n: int, n_blocks: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
+def _draw_in_chunks(
+    draw: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], n_cells: int, n_genes: int
+) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix, np.ndarray, np.ndarray]:
+    """Observed, native and ambient CSR counts and per-cell native/ambient totals, drawn in row chunks.
+
+    ``draw(cells)`` returns dense native and ambient counts of those cells and their row totals; cells
+    with no count at all are drawn again (at most ``_MAX_REDRAWS`` times), so every cell has a count.
+    """
+    b_obs, b_nat, b_amb = _CSRBuilder(n_genes), _CSRBuilder(n_genes), _CSRBuilder(n_genes)
+    native_total = np.empty(n_cells, dtype=np.int64)
+    ambient_total = np.empty(n_cells, dtype=np.int64)
+    step = _chunk_rows(n_genes)
+    for start in range(0, n_cells, step):
+        cells = np.arange(start, min(start + step, n_cells))
+        nat, amb, nat_tot, amb_tot = draw(cells)
+        for _ in range(_MAX_REDRAWS):
+            empty_rows = np.flatnonzero(nat_tot + amb_tot == 0)
+            if empty_rows.size == 0:
+                break
+            nat[empty_rows], amb[empty_rows], nat_tot[empty_rows], amb_tot[empty_rows] = draw(cells[empty_rows])
+        else:  # pragma: no cover - probability < exp(-_MAX_REDRAWS)
+            raise RuntimeError("could not draw a non-empty cell; increase library_size_mean")
+        native_total[cells] = nat_tot
+        ambient_total[cells] = amb_tot
+        b_nat.add(nat)
+        b_amb.add(amb)
+        nat += amb
+        b_obs.add(nat)
+    return b_obs.build(), b_nat.build(), b_amb.build(), native_total, ambient_total
+
+
 def simulate(
     n_cells: int = 2000,
     n_genes: int = 1000,
@@ -437,26 +469,7 @@ def simulate(
         return nat, amb, nat_tot, amb_tot
 
     # ---- counts, in row chunks ----
-    b_obs, b_nat, b_amb = _CSRBuilder(G), _CSRBuilder(G), _CSRBuilder(G)
-    native_total = np.empty(n_cells, dtype=np.int64)
-    ambient_total = np.empty(n_cells, dtype=np.int64)
-    step = _chunk_rows(G)
-    for start in range(0, n_cells, step):
-        cells = np.arange(start, min(start + step, n_cells))
-        nat, amb, nat_tot, amb_tot = draw(cells)
-        for _ in range(_MAX_REDRAWS):
-            empty_rows = np.flatnonzero(nat_tot + amb_tot == 0)
-            if empty_rows.size == 0:
-                break
-            nat[empty_rows], amb[empty_rows], nat_tot[empty_rows], amb_tot[empty_rows] = draw(cells[empty_rows])
-        else:  # pragma: no cover - probability < exp(-_MAX_REDRAWS)
-            raise RuntimeError("could not draw a non-empty cell; increase library_size_mean")
-        native_total[cells] = nat_tot
-        ambient_total[cells] = amb_tot
-        b_nat.add(nat)
-        b_amb.add(amb)
-        nat += amb
-        b_obs.add(nat)
+    observed, native_counts, ambient_counts, native_total, ambient_total = _draw_in_chunks(draw, n_cells, G)
 
     cell_type_names = [f"type_{t}" for t in range(K)]
     batch_names = [f"batch_{b}" for b in range(B)]
@@ -498,10 +511,10 @@ def simulate(
         "batch_categories": batch_names,
     }
     return anndata.AnnData(
-        X=b_obs.build(),
+        X=observed,
         obs=obs,
         var=var,
-        layers={"native": b_nat.build(), "ambient": b_amb.build()},
+        layers={"native": native_counts, "ambient": ambient_counts},
         varm={"true_ambient_profile": ambient_profile, "true_native_profile": native_profile},
         uns={"simulation": params},
     )
@@ -801,26 +814,7 @@ def simulate_species_mixture(
         amb, amb_tot = _profile_counts(rng, ambient_scale[cells], zero_batch[cells], ambient_table, G)
         return nat, amb, nat_tot, amb_tot
 
-    b_obs, b_nat, b_amb = _CSRBuilder(G), _CSRBuilder(G), _CSRBuilder(G)
-    native_total = np.empty(n_cells, dtype=np.int64)
-    ambient_total = np.empty(n_cells, dtype=np.int64)
-    step = _chunk_rows(G)
-    for start in range(0, n_cells, step):
-        cells = np.arange(start, min(start + step, n_cells))
-        nat, amb, nat_tot, amb_tot = draw(cells)
-        for _ in range(_MAX_REDRAWS):
-            empty_rows = np.flatnonzero(nat_tot + amb_tot == 0)
-            if empty_rows.size == 0:
-                break
-            nat[empty_rows], amb[empty_rows], nat_tot[empty_rows], amb_tot[empty_rows] = draw(cells[empty_rows])
-        else:  # pragma: no cover - probability < exp(-_MAX_REDRAWS)
-            raise RuntimeError("could not draw a non-empty cell; increase library_size_mean")
-        native_total[cells] = nat_tot
-        ambient_total[cells] = amb_tot
-        b_nat.add(nat)
-        b_amb.add(amb)
-        nat += amb
-        b_obs.add(nat)
+    observed, native_counts, ambient_counts, native_total, ambient_total = _draw_in_chunks(draw, n_cells, G)
 
     species_names = [f"species_{s}" for s in range(S)]
     cell_type_names = [f"species_{s}_type_{k}" for s in range(S) for k in range(P)]
@@ -859,10 +853,10 @@ def simulate_species_mixture(
         "batch_categories": ["batch_0"],
     }
     return anndata.AnnData(
-        X=b_obs.build(),
+        X=observed,
         obs=obs,
         var=var,
-        layers={"native": b_nat.build(), "ambient": b_amb.build()},
+        layers={"native": native_counts, "ambient": ambient_counts},
         varm={"true_ambient_profile": ambient_profile, "true_native_profile": native_profile},
         uns={"simulation": params},
     )

@@ -29,12 +29,13 @@ what a correct removal does. Inside, a correct removal keeps ~96.5% of CD3E: the
 physical limit there. HBB has no counts at all in these cells (0 outside, no own lineage), so only that is tested.
 
 Calibrated denoising (issue 10; ``method="calibrated"``, ``n_neighbours=50``, ``expressed_prior_odds=1``, same fit,
-seed 0; ``benchmarks/real_pbmc.py --calibrated``): removed outside / kept inside MNP 89.2% / 96.59%, B 68.9% /
-99.12%, CD3E 63.4% / 97.10% (split: 96.4 / 96.60, 60.6 / 98.89, 60.9 / 95.85), calibrated mean noise ratio 0.077
+seed 0; ``benchmarks/real_pbmc.py --calibrated``): removed outside / kept inside MNP 88.7% / 97.16%, B 66.2% /
+98.96%, CD3E 58.4% / 96.23% (split: 96.4 / 96.60, 60.6 / 98.89, 60.9 / 95.85), calibrated mean noise ratio 0.071
 (model 0.068). ``expressed_prior_odds=0.1`` gives the same figures to 0.1 point here. Inside the lineage the soup
 explains 2.1% (MNP) and 3.5% (CD3E) of the counts, so keeping >= 99% there is not what a correct removal does.
-At ``sparsity=0.9`` the calibration, started from the model's noise ratio (0.35), reaches a wrong fixed point
-(0.74; kept inside 77 / 90 / 58%); started at 0.01 or 0.06 it gives 0.071 and 90.5 / 97.2, 61.5 / 99.3, 50.3 / 96.5.
+The iteration starts at a noise ratio of 0.01 (``calibration.START_NOISE_RATIO``): started from the model's own
+0.35 at ``sparsity=0.9`` it reached a wrong fixed point (0.74; kept inside 77 / 90 / 58%); from 0.01 that fit gives
+0.072 and 90.5 / 97.2, 61.5 / 99.3, 50.3 / 96.5.
 
 NK cells are excluded for CD3E: they carry CD3E at ~80-90% of the T-cell level per UMI, ~25x what the soup
 explains, so their counts are native (NK cells transcribe CD3E; the cluster holds NKT-like cells) and belong to
@@ -135,7 +136,7 @@ def test_noise_ratio_near_soup_estimate(pbmc):
     assert 0.03 <= noise.mean() <= 0.12
 
 
-# method="calibrated" (issue 10), seed 0: removed outside / kept inside 89.2 / 96.59, 68.9 / 99.12, 63.4 / 97.10
+# method="calibrated" (issue 10), seed 0: removed outside / kept inside 88.7 / 97.16, 66.2 / 98.96, 58.4 / 96.23
 CAL_MIN_REMOVED_OUT = {"MNP": 0.85, "B": 0.62, "T": 0.53}
 CAL_MIN_KEPT_IN = {"MNP": 0.955, "B": 0.985, "T": 0.955}
 
@@ -173,6 +174,6 @@ def test_calibrated_markers(pbmc, calibrated, group):
 
 @pytest.mark.slow
 def test_calibrated_noise_ratio(calibrated):
-    """Calibrated mean noise ratio 0.077 (seed 0) against 0.058 implied by the soup (an upper bound) and 0.068."""
+    """Calibrated mean noise ratio 0.071 (seed 0) against 0.058 implied by the soup (an upper bound) and 0.068."""
     _, noise = calibrated
     assert 0.05 <= noise.mean() <= 0.11, noise.mean()

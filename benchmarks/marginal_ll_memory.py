@@ -17,16 +17,9 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 
-
-def resident_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _rss import PeakRSS  # benchmarks/_rss.py, beside this script
 
 
 def child(n_cells: int, n_genes: int, n_samples: int) -> dict:
@@ -41,22 +34,11 @@ def child(n_cells: int, n_genes: int, n_samples: int) -> dict:
     model = SCAR(adata)
     model.train(max_epochs=1, enable_progress_bar=False)
     model.get_marginal_ll(indices=np.arange(256), n_mc_samples=n_samples, batch_size=256)  # compile
-    before = resident_mb()
-    samples, done = [before], threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            samples.append(resident_mb())
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    start = time.perf_counter()
-    values = model.get_marginal_ll(n_mc_samples=n_samples, batch_size=256, return_mean=False)
-    seconds = time.perf_counter() - start
-    done.set()
-    watcher.join()
-    peak = max(samples)
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        values = model.get_marginal_ll(n_mc_samples=n_samples, batch_size=256, return_mean=False)
+        seconds = time.perf_counter() - start
+    before, peak = memory.start, memory.peak
     csr_mb = (adata.X.data.nbytes + adata.X.indices.nbytes + adata.X.indptr.nbytes) / 2**20
     return {
         "cells": n_cells,

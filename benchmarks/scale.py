@@ -41,43 +41,14 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
+
+from _rss import PeakRSS, resident_mb  # noqa: E402  (benchmarks/_rss.py, beside this script)
 
 DEFAULT_SIZES = ["10000x2000", "100000x2000", "1000000x2000", "100000x33000"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def resident_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class PeakRSS:
-    """Context manager sampling VmRSS every 5 ms in a thread; ``peak`` (MB) after exit."""
-
-    def __enter__(self) -> PeakRSS:
-        self.samples = [resident_mb()]
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._done.is_set():
-            self.samples.append(resident_mb())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-        self.samples.append(resident_mb())
-        self.peak = max(self.samples)
-
-
 def device_peak_mb() -> float | None:
     import jax
 

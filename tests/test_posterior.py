@@ -521,3 +521,40 @@ def test_importance_weighted_expression_and_de(model, adata):
         model.differential_expression(
             groupby="cell_type", group1="type_0", weights="importance", importance_weighting_kwargs={"bad": 1}
         )
+
+
+def test_binomial_split_on_the_host_is_per_cell_and_unbiased():
+    """``binomial_split``: integer draws in [0, x] at the stored counts, each cell from its own stream (the same
+    whichever other cells are split with it), with mean x * w (checked against 5 binomial standard deviations)."""
+    rng = np.random.default_rng(0)
+    x = sp.random(300, 50, density=0.3, random_state=1, format="csr", data_rvs=lambda n: rng.integers(1, 40, n))
+    x = x.astype(np.float32)
+    x.sort_indices()
+    share = x.copy()
+    share.data = rng.uniform(0.0, 1.0, x.nnz).astype(np.float32)
+    cells = np.arange(1000, 1300)
+    draws = posterior.binomial_split(x, share, cells, seed=7, draw=0)
+    assert draws.shape == (x.nnz,) and (draws >= 0).all() and (draws <= x.data).all()
+    assert np.array_equal(draws, np.round(draws))
+    np.testing.assert_array_equal(draws, posterior.binomial_split(x, share, cells, seed=7, draw=0))
+    sub = x[10:20]  # the same cells alone give the same draws
+    np.testing.assert_array_equal(
+        posterior.binomial_split(sub, share[10:20], cells[10:20], seed=7, draw=0), draws[x.indptr[10] : x.indptr[20]]
+    )
+    assert not np.array_equal(draws, posterior.binomial_split(x, share, cells, seed=8, draw=0))
+    mean, var = (x.data * share.data).sum(), (x.data * share.data * (1 - share.data)).sum()
+    assert abs(draws.sum() - mean) < 5 * np.sqrt(var)
+    with pytest.raises(ValueError, match="sparsity pattern"):
+        posterior.binomial_split(x, share[:, :-1], cells, seed=7, draw=0)
+
+
+def test_split_denoising_matches_the_device_shares(model, adata):
+    """The model's split draws Binomial(x, w) with w from native_share_at_counts: its mean over many seeds
+    approaches split_mean (x * w, the same z draw), and it does not depend on batch_size."""
+    a = model.get_denoised_counts(seed=3).toarray()
+    np.testing.assert_array_equal(a, model.get_denoised_counts(seed=3, batch_size=17).toarray())
+    x = dense_x(adata)
+    assert (a <= x).all() and ((a > 0) <= (x > 0)).all()
+    mean = np.mean([model.get_denoised_counts(seed=s).toarray().sum() for s in range(20)])
+    expected = model.get_denoised_counts(method="split_mean").sum()
+    assert abs(mean - expected) / expected < 0.01

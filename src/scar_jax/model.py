@@ -482,8 +482,10 @@ class SCAR:
             ``"split"`` (default, count-preserving): each observed count is native with its posterior
             share ``w = (1 - eps) phi / ((1 - eps) phi + eps a)`` (the cell's own batch profile ``a``),
             ``denoised ~ Binomial(x, w)``, median over ``n_samples`` draws of z. Integer, ``0 <=
-            denoised <= raw``, and zeros stay zero. ``"split_mean"``: the posterior mean ``x * w``
-            (not integer). ``"expected"``: the scvi-tools reference, ``library * (1 - eps) * phi``
+            denoised <= raw``, and zeros stay zero. The shares are computed on the device, the binomial
+            draws on the host with one NumPy stream per cell (:func:`scar_jax.posterior.binomial_split`):
+            results do not depend on ``batch_size`` or on the other cells. ``"split_mean"``: the posterior
+            mean ``x * w`` (not integer). ``"expected"``: the scvi-tools reference, ``library * (1 - eps) * phi``
             stochastically rounded, median over draws; it can exceed the observed count and be
             positive where nothing was observed ("artificial counts"), which is why it is not the
             default here. ``"calibrated"`` (count-preserving, for low contamination): ``denoised ~
@@ -531,6 +533,15 @@ class SCAR:
             out = rng.binomial(np.rint(np.asarray(x)).astype(np.int64), share).astype(np.float32)
             return sp.csr_matrix(out) if return_sparse else out
         cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
+        if return_sparse is None:
+            counts = self.adata.X if adata is None else adata.X
+            counts = (
+                counts if self.spec.layer is None else (self.adata if adata is None else adata).layers[self.spec.layer]
+            )
+            return_sparse = sp.issparse(counts) and method != "expected"
+        if method == "split":
+            out = self._split_counts(adata, indices, batch_size, n_samples, seed)
+            return out if return_sparse else out.toarray()
         if method == "expected":
             fn = lambda b, k: _post.denoised_counts_expected(cfg, v, b, int(n_samples), k)  # noqa: E731
         else:
@@ -538,13 +549,26 @@ class SCAR:
             fn = lambda b, k: _post.denoised_counts_posterior_split(  # noqa: E731
                 cfg, v, b, ambient, int(n_samples), sample, k
             )
-        if return_sparse is None:
-            counts = self.adata.X if adata is None else adata.X
-            counts = (
-                counts if self.spec.layer is None else (self.adata if adata is None else adata).layers[self.spec.layer]
-            )
-            return_sparse = sp.issparse(counts) and method != "expected"
         return self._map(fn, adata, indices, batch_size, seed, sparse_output=bool(return_sparse))[0]
+
+    def _split_counts(self, adata, indices, batch_size, n_samples: int, seed: int) -> sp.csr_matrix:
+        """The count-preserving split: shares on the device at the observed counts, binomial draws on the host."""
+        cells, rows = self._cells(adata, indices)
+        counts = sp.csr_matrix(cells.x[rows], dtype=np.float32)
+        counts.eliminate_zeros()
+        counts.sort_indices()
+        cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
+        key = jax.random.fold_in(self._predict_key, seed)
+        draws = []
+        for draw in range(n_samples):
+            fn = lambda b, k, d=draw: _post.native_share_at_counts(cfg, v, b, ambient, d, k)  # noqa: E731
+            share = _post.map_chunks(fn, cells, rows, batch_size or 1024, key, sparse_output=True)[0]
+            share.sort_indices()
+            draws.append(_post.binomial_split(counts, share, rows, seed, draw))
+        data = draws[0] if n_samples == 1 else np.floor(np.median(np.stack(draws), axis=0))
+        out = sp.csr_matrix((data.astype(np.float32), counts.indices, counts.indptr), shape=counts.shape)
+        out.eliminate_zeros()
+        return out
 
     @staticmethod
     def get_ambient_profile(

@@ -1,0 +1,41 @@
+"""Host-memory measurement shared by the benchmark scripts: resident memory (VmRSS) sampled in a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MB (Linux ``/proc/self/status``; NaN elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class PeakRSS:
+    """Context manager sampling VmRSS every 5 ms in a thread; ``start`` and ``peak`` (MB) after exit."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = resident_mb()
+        self.samples = [self.start]
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            self.samples.append(resident_mb())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.samples.append(resident_mb())
+        self.peak = max(self.samples)

@@ -46,18 +46,35 @@ class EllCounts(flax.struct.PyTreeNode):
         return out.at[row_ids, cols].add(vals)
 
 
+ELL_CHUNK_ENTRIES = 1 << 22  # padded entries filled per chunk of rows (bounds the temporaries)
+
+
 def csr_to_ell(x: sp.csr_matrix | sp.csr_array) -> tuple[np.ndarray, np.ndarray]:
-    """Padded ``(cols, vals)`` arrays, each ``(n_cells, max_row_nnz)``, of a CSR matrix (host side)."""
+    """Padded ``(cols, vals)`` arrays, each ``(n_cells, max_row_nnz)``, of a CSR matrix (host side).
+
+    Filled in chunks of rows, so the index temporaries are bounded by ``ELL_CHUNK_ENTRIES`` instead of
+    several ``nnz``-long int64 arrays; the input is not modified (a non-canonical matrix, with duplicate or
+    unsorted entries, is canonicalised on a copy).
+    """
     x = sp.csr_matrix(x)
-    x.sum_duplicates()
-    row_nnz = np.diff(x.indptr)
+    if not x.has_canonical_format:
+        x = x.copy()
+        x.sum_duplicates()
+    indptr = x.indptr
+    row_nnz = np.diff(indptr)
+    n_cells = x.shape[0]
     width = max(int(row_nnz.max(initial=0)), 1)
-    cols = np.zeros((x.shape[0], width), np.int32)
-    vals = np.zeros((x.shape[0], width), np.float32)
-    rows = np.repeat(np.arange(x.shape[0]), row_nnz)
-    pos = np.arange(x.nnz) - np.repeat(x.indptr[:-1], row_nnz)
-    cols[rows, pos] = x.indices
-    vals[rows, pos] = x.data
+    cols = np.zeros((n_cells, width), np.int32)
+    vals = np.zeros((n_cells, width), np.float32)
+    step = max(1, ELL_CHUNK_ENTRIES // width)
+    for start in range(0, n_cells, step):
+        stop = min(start + step, n_cells)
+        first, last = int(indptr[start]), int(indptr[stop])
+        counts = row_nnz[start:stop]
+        rows = np.repeat(np.arange(start, stop, dtype=np.int64), counts)
+        pos = np.arange(last - first, dtype=np.int64) - np.repeat(indptr[start:stop] - first, counts)
+        cols[rows, pos] = x.indices[first:last]
+        vals[rows, pos] = x.data[first:last]
     return cols, vals
 
 

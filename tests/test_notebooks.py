@@ -138,3 +138,19 @@ def test_research_grad_notebook_gradient_checks_and_refines_the_profile(tmp_path
     # the true profile (0.350 -> 0.249 here) is reported, not tested: it depends on the seed (see the notebook)
     assert result["elbo_joint"] > result["elbo_fixed"] + 1.0, result
     assert n_figures(nb) >= 3
+
+
+@pytest.mark.slow
+def test_low_contamination_notebook_calibrates_and_traces_the_knob(tmp_path):
+    small = {"SCAR_NB_CELLS": "120", "SCAR_NB_GENES": "1500", "SCAR_NB_EPOCHS": "150", "SCAR_NB_NEIGHBOURS": "30"}
+    nb = run_notebook("low_contamination.ipynb", small, tmp_path)
+    result = final_result(nb)
+    assert result["model_ratio"] > 5, result  # the reference over-estimates (measured 51x at this size)
+    assert 1 / 1.5 <= result["calibrated_ratio"] <= 1.5 and result["calibrated_pearson"] >= 0.5, result
+    assert result["default_kept"] >= 0.995 and result["default_removed"] >= 0.9, result  # measured 0.9961 / 0.969
+    assert result["split_kept"] < 0.9, result  # measured 0.596
+    # the knob trades removal for retention monotonically
+    assert all(a <= b + 1e-9 for a, b in zip(result["kept"], result["kept"][1:], strict=False)), result
+    assert all(a >= b - 1e-9 for a, b in zip(result["removed"], result["removed"][1:], strict=False)), result
+    assert result["removed"][0] - result["removed"][-1] > 0.1, result
+    assert n_figures(nb) >= 2

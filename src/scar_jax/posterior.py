@@ -257,6 +257,22 @@ def log_marginal_likelihood(
     return jax.scipy.special.logsumexp(log_w, axis=0) - jnp.log(n_mc_samples)
 
 
+def _native_expression_draw(
+    config: SCARConfig,
+    variables: dict[str, Any],
+    batch: Batch,
+    latent_library: bool,
+    cell_keys: jax.Array,
+    draw: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Draw ``draw`` of z and its native expression: ``phi`` or, with ``latent_library``, ``N (1 - eps) phi``."""
+    out, _ = forward(_net(config), variables, batch.x, fold_in_each(cell_keys, draw), train=False)
+    expression = out.native_frequencies
+    if latent_library:
+        expression = batch.library * (1.0 - out.noise_ratio) * expression
+    return expression, out.z
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
 def native_expression_samples(
     config: SCARConfig,
@@ -274,11 +290,7 @@ def native_expression_samples(
     """
 
     def one_draw(s):
-        keys = fold_in_each(cell_keys, s)
-        out, _ = forward(_net(config), variables, batch.x, keys, train=False)
-        if latent_library:
-            return batch.library * (1.0 - out.noise_ratio) * out.native_frequencies
-        return out.native_frequencies
+        return _native_expression_draw(config, variables, batch, latent_library, cell_keys, s)[0]
 
     if return_mean:
         total = jax.lax.fori_loop(0, n_samples, lambda s, acc: acc + one_draw(s), jnp.zeros_like(batch.x))
@@ -351,12 +363,7 @@ def native_expression_and_latent(
     """
 
     def one_draw(s):
-        keys = fold_in_each(cell_keys, s)
-        out, _ = forward(_net(config), variables, batch.x, keys, train=False)
-        expression = out.native_frequencies
-        if latent_library:
-            expression = batch.library * (1.0 - out.noise_ratio) * expression
-        return expression, out.z
+        return _native_expression_draw(config, variables, batch, latent_library, cell_keys, s)
 
     return jax.lax.map(one_draw, jnp.arange(n_samples))
 

@@ -39,9 +39,11 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from _rss import PeakRSS, resident_mb  # noqa: E402  (benchmarks/_rss.py, beside this script)
 
@@ -67,7 +69,9 @@ def generate_counts(n_cells: int, n_genes: int, seed: int = 0, library_mean: flo
     Cell types (5) express 30% of the genes (half of them shared housekeeping genes) with log-normal
     frequencies; each cell's counts are ``Poisson(L_i ((1 - eps_i) native_type + eps_i ambient))`` with
     ``L_i`` log-normal (mean ``library_mean``, sd of log 0.4, at least 200) and ``eps_i ~ Beta(3, 17)``.
-    Memory beyond the result: one dense chunk of about 4M entries.
+    Row chunks of about 4M entries are drawn in parallel threads, each from its own stream
+    ``default_rng([seed, first_row])``, so the result does not depend on the number of threads. Memory
+    beyond the result: one dense chunk per thread.
     """
     import numpy as np
     import scipy.sparse as sp
@@ -87,16 +91,21 @@ def generate_counts(n_cells: int, n_genes: int, seed: int = 0, library_mean: flo
     library = np.maximum(rng.lognormal(np.log(library_mean) - 0.08, 0.4, n_cells), 200.0)
     eps = rng.beta(3.0, 17.0, n_cells)
     step = max(1, 4_000_000 // n_genes)
-    data, indices, indptr = [], [], [np.zeros(1, np.int64)]
-    nnz = 0
-    for start in range(0, n_cells, step):
+
+    def chunk(start: int) -> sp.csr_matrix:  # one Poisson stream per chunk: the same counts with any thread count
         rows = slice(start, min(start + step, n_cells))
         mu = library[rows, None] * ((1.0 - eps[rows, None]) * native[cell_type[rows]] + eps[rows, None] * ambient)
-        chunk = sp.csr_matrix(rng.poisson(mu).astype(np.int32))
-        data.append(chunk.data)
-        indices.append(chunk.indices.astype(np.int32))
-        indptr.append(chunk.indptr[1:].astype(np.int64) + nnz)
-        nnz += chunk.nnz
+        counts = np.random.default_rng([seed, start]).poisson(mu).astype(np.int32)
+        return sp.csr_matrix(counts)
+
+    data, indices, indptr = [], [], [np.zeros(1, np.int64)]
+    nnz = 0
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # NumPy's sampler releases the GIL
+        for part in pool.map(chunk, range(0, n_cells, step)):
+            data.append(part.data)
+            indices.append(part.indices.astype(np.int32))
+            indptr.append(part.indptr[1:].astype(np.int64) + nnz)
+            nnz += part.nnz
     index_dtype = np.int32 if nnz < 2**31 else np.int64
     x = sp.csr_matrix(
         (np.concatenate(data), np.concatenate(indices), np.concatenate(indptr).astype(index_dtype)),
@@ -110,6 +119,21 @@ def generate_counts(n_cells: int, n_genes: int, seed: int = 0, library_mean: flo
         x = x.tocsr()
     profile = np.asarray(x.sum(axis=0), np.float64).ravel()
     return x, profile / profile.sum()
+
+
+def release_freed_memory() -> None:
+    """Return the generator's freed chunks to the OS (glibc keeps them after its dynamic mmap threshold
+    rises), so that the resident memory measured afterwards is the data's, not the allocator's."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def progress(what: str, data: dict) -> None:
+    print(f"    [{time.strftime('%H:%M:%S')}] {what}: {json.dumps(data, default=str)}", file=sys.stderr, flush=True)
 
 
 def csr_mb(x) -> float:
@@ -129,7 +153,14 @@ def make_adata(x):
 
 # ---------------------------------------------------------------------------------------------- children
 def child_jax(
-    n_cells: int, n_genes: int, epochs: int, batch_size: int, devices: int, infer_cells: int | None = None
+    n_cells: int,
+    n_genes: int,
+    epochs: int,
+    batch_size: int,
+    devices: int,
+    infer_cells: int | None = None,
+    precisions: tuple[str, ...] = (),
+    unrolls: tuple[int, ...] = (),
 ) -> dict:
     import jax
     import numpy as np
@@ -140,12 +171,14 @@ def child_jax(
     t0 = time.perf_counter()
     x, profile = generate_counts(n_cells, n_genes)
     gen_s = time.perf_counter() - t0
+    release_freed_memory()
     adata = make_adata(x)
     SCAR.setup_anndata(adata)
     after_data = resident_mb()
     args = {"batch_size": batch_size, "train_size": 0.9, "devices": devices, "enable_progress_bar": False}
     out: dict = {"gen_s": gen_s, "base_mb": base, "data_mb": after_data, "csr_mb": csr_mb(x), "nnz": int(x.nnz)}
     out["max_row_nnz"] = int(np.diff(x.indptr).max())
+    progress(f"generated {n_cells}x{n_genes} in {gen_s:.1f} s", out)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         first = SCAR(adata, ambient_profile=profile)
@@ -159,7 +192,32 @@ def child_jax(
         "cells_per_s": len(model.train_indices) * epochs / model.training_time_s,
         "peak_mb": mem.peak,
         "device_mb": device_peak_mb(),
+        "elbo_validation": float(model.history["elbo_validation"]["elbo_validation"].iloc[-1]),
     }
+    progress("trained", out)
+    # variants: the same model (seed 1, same data and split) with another matmul precision or scan unroll;
+    # each compiled on a throwaway one-epoch model first, then timed over the same epochs
+    variants = [(f"matmul_precision={p}", {"matmul_precision": p}, {}) for p in precisions]
+    variants += [(f"scan_unroll={u}", {}, {"scan_unroll": u}) for u in unrolls]
+    out["variants"] = []
+    for label, model_kwargs, train_kwargs in variants:
+        t0 = time.perf_counter()
+        SCAR(adata, ambient_profile=profile, seed=1, **model_kwargs).train(max_epochs=1, **args, **train_kwargs)
+        first_s = time.perf_counter() - t0
+        other = SCAR(adata, ambient_profile=profile, seed=1, **model_kwargs)
+        other.train(max_epochs=epochs, **args, **train_kwargs)
+        elbo = float(other.history["elbo_validation"]["elbo_validation"].iloc[-1])
+        out["variants"].append(
+            {
+                "label": label,
+                "first_epoch_s": first_s,
+                "cells_per_s": len(other.train_indices) * epochs / other.training_time_s,
+                "elbo_validation": elbo,
+                "relative_to_float32": elbo / out["train"]["elbo_validation"] - 1.0,
+            }
+        )
+        del other
+        progress(label, out["variants"][-1])
     n_infer = n_cells if infer_cells is None else min(n_cells, infer_cells)
     timed = None if n_infer == n_cells else np.arange(n_infer)
     warm = np.arange(min(n_cells, 2048))
@@ -181,6 +239,7 @@ def child_jax(
             "peak_mb": mem.peak,
             "device_mb": device_peak_mb(),
         }
+        progress(name, out[name])
     device = jax.devices()[0]
     out["device"] = f"{device.platform}:{device.device_kind} x {len(jax.devices())}"
     out["jax"] = jax.__version__
@@ -255,11 +314,19 @@ def run_child(python: str, impl: str, n_cells: int, n_genes: int, epochs: int, a
     ]
     if args.inference_max_cells is not None:
         cmd += ["--inference-max-cells", str(args.inference_max_cells)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if impl == "jax" and args.precision:
+        cmd += ["--precision", *args.precision]
+    if impl == "jax" and args.unroll:
+        cmd += ["--unroll", *map(str, args.unroll)]
+    # the child's progress lines (stderr) pass through, so a run cut short still shows its finished phases;
+    # SIGTERM (e.g. from `timeout`) ends the child too
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+        previous = signal.signal(signal.SIGTERM, lambda *_: (proc.kill(), sys.exit(143)))
+        stdout, _ = proc.communicate()
+        signal.signal(signal.SIGTERM, previous)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit {proc.returncode}: {' | '.join(tail)[:300]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"error": f"exit {proc.returncode} (its stderr is above)"}
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def on(phase: dict) -> str:
@@ -281,6 +348,16 @@ def main() -> None:
         type=int,
         help="time scar-jax inference on the first N cells only (default: all); the table gives N",
     )
+    parser.add_argument(
+        "--precision",
+        nargs="*",
+        default=[],
+        choices=["tensorfloat32", "bfloat16"],
+        help="also train with these SCAR(matmul_precision=...) and report cells/s and the held-out ELBO change",
+    )
+    parser.add_argument(
+        "--unroll", nargs="*", type=int, default=[], help="also train with these train(scan_unroll=...) values"
+    )
     parser.add_argument("--scvi", action="store_true", help="also run scvi-tools SCAR (sizes up to --scvi-max-cells)")
     parser.add_argument("--scvi-max-cells", type=int, default=10_000)
     default_scvi = "/work/venv-scvi/bin/python" if os.path.exists("/work/venv-scvi/bin/python") else sys.executable
@@ -294,7 +371,15 @@ def main() -> None:
         n_cells, n_genes = (int(v) for v in shape.split("x"))
         sizes.append((n_cells, n_genes, int(ep) if ep else args.epochs))
     if args.child == "jax":
-        print(json.dumps(child_jax(*sizes[0], args.batch_size, args.devices, args.inference_max_cells)))
+        result = child_jax(
+            *sizes[0],
+            args.batch_size,
+            args.devices,
+            args.inference_max_cells,
+            tuple(args.precision),
+            tuple(args.unroll),
+        )
+        print(json.dumps(result))
         return
     if args.child == "scvi":
         print(json.dumps(child_scvi(*sizes[0], args.batch_size)))
@@ -311,7 +396,7 @@ def main() -> None:
         "| train peak RSS MB (base) | CSR MB | x CSR | denoise cells/s | denoise peak RSS MB "
         "| latent cells/s | latent peak RSS MB | peak device MB (train/denoise/latent) |"
     )
-    rows = []
+    rows, variant_rows = [], []
     info = set()
     for n_cells, n_genes, epochs in sizes:
         runs = [("scar-jax", run_child(sys.executable, "jax", n_cells, n_genes, epochs, args))]
@@ -334,11 +419,24 @@ def main() -> None:
                     f"| {lat['peak_mb']:,.0f} | {devs} |"
                 )
                 info.add(r.get("versions") or f"scar-jax on {r['device']}, jax {r['jax']}")
+                for v in r.get("variants", []):
+                    variant_rows.append(
+                        f"| {size} | {v['label']} | {v['first_epoch_s']:.1f} | {v['cells_per_s']:,.0f} "
+                        f"({t['cells_per_s']:,.0f}) | {v['elbo_validation']:.3f} ({t['elbo_validation']:.3f}) "
+                        f"| {100 * v['relative_to_float32']:+.4f}% |"
+                    )
             print(f"  done {impl} {n_cells}x{n_genes}: {rows[-1]}", file=sys.stderr, flush=True)
     print("\n" + "; ".join(sorted(info)) + "\n")
     print(header)
     print("|" + "---|" * header.count(" |"))
     print("\n".join(rows))
+    if variant_rows:
+        print(
+            "\nVariants (same seed, data and epochs; in parentheses the default float32, scan_unroll=1 model):\n\n"
+            "| cells x genes | variant | first epoch s | train cells/s (default) | held-out -ELBO (default) "
+            "| ELBO change |\n|---|---|---|---|---|---|"
+        )
+        print("\n".join(variant_rows))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scar_jax.counts import DenseCounts, EllCounts, csr_to_ell, to_device
+import scar_jax.counts as counts_module
+from scar_jax.counts import CsrCounts, DenseCounts, EllCounts, csr_to_device, csr_to_ell, to_device
 
 
 def ell_to_dense(cols: np.ndarray, vals: np.ndarray, n_genes: int) -> np.ndarray:
@@ -101,7 +102,8 @@ def test_csr_to_ell_accepts_csc():
 @pytest.fixture(scope="module")
 def dense_and_ell():
     dense = random_counts(n_cells=15, n_genes=11, seed=1)
-    return dense, to_device(sp.csr_matrix(dense))
+    cols, vals = csr_to_ell(sp.csr_matrix(dense))
+    return dense, EllCounts(jnp.asarray(cols), jnp.asarray(vals), n_genes=dense.shape[1])
 
 
 @pytest.mark.parametrize(
@@ -155,12 +157,75 @@ def test_to_device_dense_input():
 def test_to_device_sparse_input(fmt):
     dense = random_counts(n_cells=13, n_genes=8, seed=4)
     counts = to_device(fmt(dense))
-    assert isinstance(counts, EllCounts)
+    assert isinstance(counts, CsrCounts)
     assert counts.n_cells == 13
     assert counts.n_genes == 8
+    assert counts.max_row_nnz == int((dense != 0).sum(axis=1).max()) == 8
     np.testing.assert_array_equal(np.asarray(counts.take(jnp.arange(13))), dense)
 
 
 def test_n_cells_of_device_containers():
     assert to_device(np.ones((3, 2))).n_cells == 3
     assert to_device(sp.csr_matrix(np.eye(7, 4))).n_cells == 7
+
+
+# ---------------------------------------------------------------- CsrCounts (the sparse default)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_csr_take_equals_dense_rows_random(seed):
+    """Random shapes and densities (empty rows, a matrix of all zeros), random rows with repeats, in jit."""
+    rng = np.random.default_rng(seed)
+    n, g = int(rng.integers(1, 40)), int(rng.integers(1, 30))
+    dense = (rng.poisson(2, (n, g)) * (rng.random((n, g)) < rng.random())).astype(np.float32)
+    if seed == 0:
+        dense[:] = 0
+    counts = to_device(sp.csr_matrix(dense))
+    assert isinstance(counts, CsrCounts)
+    take = jax.jit(lambda c, r: c.take(r))
+    for m in (1, 2, 5, 17, 64):
+        rows = rng.integers(0, n, m)
+        got = take(counts, jnp.asarray(rows, jnp.int32))
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), dense[rows])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64, np.int32, np.float32, np.uint16])
+def test_csr_to_device_stores_narrow_exact_dtypes(dtype):
+    dense = random_counts(n_cells=9, n_genes=7, seed=5).astype(dtype)
+    x = sp.csr_matrix(dense)
+    counts = csr_to_device(x)
+    # <= 65,536 genes and counts <= 65,535: 2 + 2 bytes per non-zero, half of the host CSR's 8
+    assert counts.indptr.dtype == jnp.int32
+    assert counts.indices.dtype == counts.data.dtype == jnp.uint16
+    assert counts.indices.shape == (x.nnz,)  # no padding stored
+    np.testing.assert_array_equal(np.asarray(counts.take(jnp.arange(9))), dense.astype(np.float32))
+
+
+def test_csr_to_device_widens_for_large_counts_and_many_genes():
+    x = sp.csr_matrix((np.array([70_000.0, 3.0, 65_535.0]), np.array([1, 69_999, 5]), np.array([0, 2, 3])), (2, 70_000))
+    counts = csr_to_device(x)
+    assert counts.indices.dtype == jnp.int32  # 70,000 genes do not fit uint16 columns
+    assert counts.data.dtype == jnp.float32  # a count above 65,535
+    got = np.asarray(counts.take(jnp.array([1, 0], jnp.int32)))
+    np.testing.assert_array_equal(got[1, [1, 69_999]], [70_000, 3])
+    np.testing.assert_array_equal(got[0, 5], 65_535)
+    assert got.sum() == 70_000 + 3 + 65_535
+
+
+def test_aligned_copy_is_aligned_exact_and_chunked(monkeypatch):
+    monkeypatch.setattr(counts_module, "HOST_CHUNK_ENTRIES", 7)  # several chunks and a partial last one
+    values = np.arange(50, dtype=np.int64) * 3
+    out = counts_module.aligned_copy(values, np.uint16)
+    assert out.ctypes.data % 64 == 0 and out.dtype == np.uint16
+    np.testing.assert_array_equal(out, values)
+    assert counts_module.max_value(values) == 147 and counts_module.max_value(values[:0]) == 0
+
+
+def test_csr_to_device_does_not_modify_a_non_canonical_input():
+    x = sp.csr_matrix((np.array([1.0, 2.0, 3.0]), np.array([2, 0, 2]), np.array([0, 3, 3])), shape=(2, 4))
+    before = (x.data.copy(), x.indices.copy(), x.indptr.copy())
+    counts = to_device(x)
+    np.testing.assert_array_equal(np.asarray(counts.take(jnp.arange(2))), [[2, 0, 4, 0], [0, 0, 0, 0]])
+    for a, b in zip((x.data, x.indices, x.indptr), before, strict=True):
+        np.testing.assert_array_equal(a, b)

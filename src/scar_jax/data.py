@@ -8,16 +8,43 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import anndata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .backed import BackedCounts, prefetch
 from .posterior import HostCells
 
 UNS_KEY = "_scar_jax"
+HOST_CHUNK_ENTRIES = 1 << 22  # stored entries per step of the host-side passes below (bounds their temporaries)
+
+
+class CountSummary(NamedTuple):
+    """What one validating pass over a count matrix learns: per-cell and per-gene totals, the largest count."""
+
+    row_sums: np.ndarray  # (n_cells,) float64
+    column_sums: np.ndarray  # (n_genes,) float64
+    max_count: float
+
+
+def row_chunks(x: np.ndarray | sp.spmatrix) -> list[slice]:
+    """Row slices of ``x`` holding about ``HOST_CHUNK_ENTRIES`` stored entries each."""
+    n = x.shape[0]
+    stored = x.nnz if sp.issparse(x) or isinstance(x, BackedCounts) else x.size
+    step = max(1, int(HOST_CHUNK_ENTRIES * n // max(stored, 1)))
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def column_sums(x: np.ndarray | sp.spmatrix | BackedCounts) -> np.ndarray:
+    """``x.sum(axis=0)`` as float64 ``(n_genes,)``, accumulated over row chunks (SciPy would upcast a whole
+    integer matrix; a matrix on disk is read chunk by chunk, the next one in the background)."""
+    total = np.zeros(x.shape[1], np.float64)
+    for block in prefetch(x[rows] for rows in row_chunks(x)):
+        total += np.asarray(block.sum(axis=0), np.float64).ravel()
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,20 +116,20 @@ def setup_anndata(
     )
     field = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     counts = get_counts(adata, spec)
-    validate_counts(counts, field)
-    warn_zero_genes(counts, adata.var_names, field)
+    summary = validate_counts(counts, field)
+    warn_zero_genes(summary.column_sums, adata.var_names, field)
     adata.uns[UNS_KEY] = spec.to_dict()
     return spec
 
 
-def warn_zero_genes(x: np.ndarray | sp.spmatrix, var_names: pd.Index, field: str) -> None:
+def warn_zero_genes(column_totals: np.ndarray, var_names: pd.Index, field: str) -> None:
     """Warn (do not refuse) when genes have zero counts in every cell.
 
     Real matrices often keep such genes. They are harmless: their default ambient share is 0 and every
     likelihood gives them probability 1 with finite gradients, so training is unaffected and their
     count-preserving denoised counts are 0. They only cost memory and time.
     """
-    zero = np.flatnonzero(np.asarray(x.sum(axis=0)).ravel() == 0)
+    zero = np.flatnonzero(column_totals == 0)
     if zero.size:
         names = [str(name) for name in var_names[zero[:5]]]
         warnings.warn(
@@ -119,11 +146,19 @@ def read_spec(adata: anndata.AnnData) -> AnnDataSpec:
     return AnnDataSpec.from_dict(dict(adata.uns[UNS_KEY]))
 
 
-def get_counts(adata: anndata.AnnData, spec: AnnDataSpec) -> np.ndarray | sp.csr_matrix:
-    """The count matrix ``(n_cells, n_genes)`` named by the setup: CSR or dense, not copied when possible."""
+def get_counts(adata: anndata.AnnData, spec: AnnDataSpec) -> np.ndarray | sp.csr_matrix | BackedCounts:
+    """The count matrix ``(n_cells, n_genes)`` named by the setup: CSR or dense, not copied when possible;
+    a CSR matrix on disk (backed h5ad, zarr) stays there as :class:`scar_jax.backed.BackedCounts`."""
     x = adata.X if spec.layer is None else adata.layers[spec.layer]
     if x is None:
         raise ValueError("adata.X is None; pass the counts layer to setup_anndata(layer=...)")
+    if isinstance(x, anndata.abc.CSRDataset):
+        return BackedCounts(x)
+    if isinstance(x, anndata.abc.CSCDataset):
+        raise ValueError(
+            "adata.X is a CSC matrix on disk, which cannot be read by cells; write the file with a CSR X "
+            "(adata.X = scipy.sparse.csr_matrix(adata.X)) to use it out of core, or load it with adata.to_memory()"
+        )
     if sp.issparse(x):
         return x if sp.isspmatrix_csr(x) else sp.csr_matrix(x)
     if hasattr(x, "to_memory"):  # backed / lazy arrays
@@ -131,26 +166,40 @@ def get_counts(adata: anndata.AnnData, spec: AnnDataSpec) -> np.ndarray | sp.csr
     return np.asarray(x)
 
 
-def validate_counts(x: np.ndarray | sp.spmatrix, field: str) -> None:
-    """Counts must be finite, non-negative integers; every cell needs at least one count."""
-    values = x.data if sp.issparse(x) else np.asarray(x)
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise TypeError(f"{field} must hold numbers (raw counts), got dtype {values.dtype}")
-    if values.size and not np.isfinite(values).all():
-        raise ValueError(f"{field} contains NaN or infinite values; SCAR needs raw integer counts")
-    if values.size and values.min() < 0:
-        raise ValueError(f"{field} contains negative values; SCAR needs raw integer counts, not normalised data")
-    if values.size and np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.round(values)):
-        raise ValueError(
-            f"{field} contains non-integer values; SCAR needs raw counts (use setup_anndata(layer='counts') "
-            "if the raw counts are in a layer)"
-        )
-    totals = np.asarray(x.sum(axis=1)).ravel()
+def validate_counts(x: np.ndarray | sp.spmatrix | BackedCounts, field: str) -> CountSummary:
+    """Counts must be finite, non-negative integers; every cell needs at least one count.
+
+    One pass over row chunks (bounded temporaries; a matrix on disk is read once, the next chunk in the
+    background), which also returns the row sums and the largest count.
+    """
+    dtype = x.dtype
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(f"{field} must hold numbers (raw counts), got dtype {dtype}")
+    floating = np.issubdtype(dtype, np.floating)
+    totals, largest, genes = [], 0.0, np.zeros(x.shape[1], np.float64)
+    for block in prefetch(x[rows] for rows in row_chunks(x)):
+        chunk = block.data if sp.issparse(block) else np.asarray(block).reshape(-1)
+        totals.append(np.asarray(block.sum(axis=1), np.float64).ravel())
+        genes += np.asarray(block.sum(axis=0), np.float64).ravel()
+        if chunk.size == 0:
+            continue
+        largest = max(largest, float(chunk.max()))
+        if floating and not np.isfinite(chunk).all():
+            raise ValueError(f"{field} contains NaN or infinite values; SCAR needs raw integer counts")
+        if chunk.min() < 0:
+            raise ValueError(f"{field} contains negative values; SCAR needs raw integer counts, not normalised data")
+        if floating and not np.array_equal(chunk, np.round(chunk)):
+            raise ValueError(
+                f"{field} contains non-integer values; SCAR needs raw counts (use setup_anndata(layer='counts') "
+                "if the raw counts are in a layer)"
+            )
+    totals = np.concatenate(totals) if totals else np.zeros(0)
     if (totals == 0).any():
         raise ValueError(
             f"{field} has {(totals == 0).sum()} cells with zero counts; remove them "
             "(e.g. adata = adata[adata.X.sum(axis=1) > 0])"
         )
+    return CountSummary(totals, genes, largest)
 
 
 def check_genes(adata: anndata.AnnData, var_names: np.ndarray) -> None:
@@ -165,8 +214,8 @@ def check_genes(adata: anndata.AnnData, var_names: np.ndarray) -> None:
 def read_cells(adata: anndata.AnnData, spec: AnnDataSpec, gene_likelihood: str) -> HostCells:
     """Counts, per-cell library ``(n, 1)`` and batch index ``(n,)`` of ``adata`` as the setup says."""
     x = get_counts(adata, spec)
-    validate_counts(x, "adata.X" if spec.layer is None else f"adata.layers[{spec.layer!r}]")
-    library = np.asarray(x.sum(axis=1), dtype=np.float64).reshape(-1, 1)
+    summary = validate_counts(x, "adata.X" if spec.layer is None else f"adata.layers[{spec.layer!r}]")
+    library = summary.row_sums.reshape(-1, 1)
     if spec.size_factor_key is not None:
         if gene_likelihood == "b":
             raise ValueError(
@@ -177,7 +226,7 @@ def read_cells(adata: anndata.AnnData, spec: AnnDataSpec, gene_likelihood: str) 
         library = np.asarray(adata.obs[spec.size_factor_key], dtype=np.float64).reshape(-1, 1)
         if not (np.isfinite(library).all() and (library > 0).all()):
             raise ValueError(f"adata.obs[{spec.size_factor_key!r}] (size_factor_key) must be positive and finite")
-    return HostCells(x, library.astype(np.float32), batch_index(adata, spec))
+    return HostCells(x, library.astype(np.float32), batch_index(adata, spec), summary.max_count)
 
 
 def batch_index(adata: anndata.AnnData, spec: AnnDataSpec) -> np.ndarray:
@@ -205,7 +254,7 @@ def resolve_ambient_profile(
     with a warning.
     """
     if ambient_profile is None:
-        profile = np.asarray(x.sum(axis=0), dtype=np.float64).reshape(-1, 1)
+        profile = column_sums(x).reshape(-1, 1)
         source = "the mean profile of the cells"
     elif isinstance(ambient_profile, str):
         source = f"ambient_profile={ambient_profile!r}"

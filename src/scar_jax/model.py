@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
+from pathlib import Path
 from typing import Any, Literal
 
 import anndata
@@ -19,6 +21,7 @@ import scipy.sparse as sp
 
 from . import ambient as _ambient
 from . import analysis as _analysis
+from . import backed as _backed
 from . import data as _data
 from . import features as _features
 from . import io as _io
@@ -34,6 +37,8 @@ TRAINER_KWARGS = {
     "early_stopping_patience",
     "early_stopping_min_delta",
     "enable_progress_bar",
+    "scan_unroll",
+    "block_cells",
 }
 
 
@@ -61,6 +66,11 @@ class SCAR:
         barcodes are assigned with :meth:`get_bayes_factors` and :meth:`assign_features`.
     seed
         Seed of every random draw of this model (initialisation, split, minibatches, sampling).
+    matmul_precision
+        Beyond scvi-tools: ``"float32"`` (default; true float32 on every backend, where JAX would use TF32
+        on recent NVIDIA GPUs), or ``"tensorfloat32"`` / ``"bfloat16"`` for faster Dense layers on GPUs
+        (inputs rounded, float32 accumulation; likelihoods stay float32; no effect on CPU). The ELBO change
+        is measured in ``benchmarks/scale.py --precision`` (``benchmarks/RESULTS.md``).
     """
 
     def __init__(
@@ -78,6 +88,7 @@ class SCAR:
         *,
         feature_type: str = "mRNA",
         seed: int = 0,
+        matmul_precision: Literal["float32", "tensorfloat32", "bfloat16"] = "float32",
         **model_kwargs: Any,
     ) -> None:
         if model_kwargs:
@@ -95,10 +106,11 @@ class SCAR:
             latent_distribution=latent_distribution,
             scale_activation=scale_activation,
             sparsity=sparsity,
+            matmul_precision=matmul_precision,
         )
         self.adata = adata
         self.var_names = np.asarray(adata.var_names).astype(str)
-        cells = _data.read_cells(adata, self.spec, gene_likelihood)
+        cells = self._read_cells(adata)
         self.ambient_profile = _data.resolve_ambient_profile(adata, ambient_profile, self.spec, cells.x)
         self.seed = int(seed)
         root = jax.random.key(self.seed)
@@ -158,7 +170,9 @@ class SCAR:
         ``lr`` (1e-3), ``weight_decay`` (1e-6), ``eps`` (0.01), ``n_epochs_kl_warmup`` (400),
         ``max_kl_weight`` (1), ``min_kl_weight`` (0). Extra keywords: ``early_stopping_monitor``
         (``"elbo_validation"``), ``early_stopping_patience`` (45), ``early_stopping_min_delta`` (0),
-        ``enable_progress_bar`` (True). Training data stay on the device, and each epoch is one
+        ``enable_progress_bar`` (True), and beyond scvi-tools ``scan_unroll`` (1: optimizer steps per
+        iteration of the compiled epoch's loop; the same arithmetic, measured in ``benchmarks/scale.py``).
+        Training data stay on the device, and each epoch is one
         compiled call; ``load_sparse_tensor`` is accepted for compatibility (sparse input is always
         kept sparse on the device and densified per minibatch). Training again continues from the
         current weights with a fresh optimizer, as in scvi-tools.
@@ -206,18 +220,22 @@ class SCAR:
                 "parallel training"
             )
         # one device: arrays on it; several: replicated over them (each minibatch is split across them)
-        placement = device if len(chosen) == 1 else jax.sharding.NamedSharding(
-            _train.data_parallel_mesh(tuple(chosen)), jax.sharding.PartitionSpec()
+        placement = (
+            device
+            if len(chosen) == 1
+            else jax.sharding.NamedSharding(_train.data_parallel_mesh(tuple(chosen)), jax.sharding.PartitionSpec())
         )
         train_idx, val_idx, test_idx = _train.split_indices(
             n_cells, split["train_size"], split["validation_size"], shuffle_set_split, batch_size, self.seed
         )
-        cells = _data.read_cells(self.adata, self.spec, self.config.gene_likelihood)
-        resident = _train.CellData(
-            to_device(cells.x, placement),
-            jax.device_put(cells.library, placement),
-            jax.device_put(cells.batch_index, placement),
-        )
+        cells = self._read_cells(self.adata)
+        block_cells = trainer.get("block_cells")
+        streamed = block_cells is not None or isinstance(cells.x, _backed.BackedCounts)
+        if streamed and not sp.issparse(cells.x) and not isinstance(cells.x, _backed.BackedCounts):
+            raise ValueError(
+                "block_cells streams sparse counts by blocks of cells; the counts are dense (keep them "
+                "resident: leave block_cells=None, or make them scipy.sparse.csr_matrix)"
+            )
         tx, train_epoch, evaluate = _train.compiled_training(
             self.config,
             int(batch_size),
@@ -225,7 +243,32 @@ class SCAR:
             float(plan.get("eps", 0.01)),
             float(plan.get("weight_decay", 1e-6)),
             tuple(chosen) if len(chosen) > 1 else None,
+            _positive_int(trainer.get("scan_unroll", 1), "scan_unroll"),
         )
+        if streamed:  # out of core: blocks of cells read (from disk) and placed one at a time
+            block = _positive_int(_backed.DEFAULT_BLOCK_CELLS if block_cells is None else block_cells, "block_cells")
+            x = cells.x if isinstance(cells.x, _backed.BackedCounts) else sp.csr_matrix(cells.x)
+            train_epoch, evaluate = _backed.streamed_training(
+                train_epoch,
+                evaluate,
+                x,
+                cells.library,
+                cells.batch_index,
+                train_idx,
+                val_idx,
+                block,
+                cells.max_count,
+                placement,
+            )
+            resident, train_rows, validation_rows = None, train_idx, np.empty(len(val_idx))
+        else:
+            resident = _train.CellData(
+                to_device(cells.x, placement),
+                jax.device_put(cells.library, placement),
+                jax.device_put(cells.batch_index, placement),
+            )
+            train_rows = jax.device_put(jnp.asarray(train_idx, jnp.int32), placement)
+            validation_rows = jax.device_put(jnp.asarray(val_idx, jnp.int32), placement)
         device = placement
         # The epoch donates its state: hand it copies so the model's own arrays and key stay valid.
         variables = jax.tree.map(lambda a: jnp.array(a, copy=True), jax.device_put(self._variables, device))
@@ -260,8 +303,8 @@ class SCAR:
                 evaluate,
                 state,
                 resident,
-                jax.device_put(jnp.asarray(train_idx, jnp.int32), device),
-                jax.device_put(jnp.asarray(val_idx, jnp.int32), device),
+                train_rows,
+                validation_rows,
                 jax.device_put(jnp.asarray(self.ambient_profile), device),
                 max_epochs=int(max_epochs),
                 n_epochs_kl_warmup=plan.get("n_epochs_kl_warmup", 400),
@@ -297,13 +340,26 @@ class SCAR:
         return {name: frame[[name]] for name in frame.columns}
 
     # ------------------------------------------------------------------ inference helpers
+    def _read_cells(self, adata: anndata.AnnData) -> _post.HostCells:
+        """Validated counts, library and batch index of ``adata``; for counts on disk the validating pass is
+        made once per AnnData and remembered (a file opened read-only does not change)."""
+        x = _data.get_counts(adata, self.spec)
+        if isinstance(x, _backed.BackedCounts):
+            cached = getattr(self, "_backed_cells", None)
+            if cached is not None and cached[0]() is adata and cached[1] == self.spec:
+                return cached[2]
+            cells = _data.read_cells(adata, self.spec, self.config.gene_likelihood)
+            self._backed_cells = (weakref.ref(adata), self.spec, cells)
+            return cells
+        return _data.read_cells(adata, self.spec, self.config.gene_likelihood)
+
     def _cells(self, adata: anndata.AnnData | None, indices: Any) -> tuple[_post.HostCells, np.ndarray]:
         if not self.is_trained:
             raise RuntimeError("the model is not trained yet; call model.train() first")
         adata = self.adata if adata is None else adata
         if adata is not self.adata:
             _data.check_genes(adata, self.var_names)
-        cells = _data.read_cells(adata, self.spec, self.config.gene_likelihood)
+        cells = self._read_cells(adata)
         if indices is None:
             rows = np.arange(adata.n_obs)
         else:
@@ -538,7 +594,8 @@ class SCAR:
             counts = (
                 counts if self.spec.layer is None else (self.adata if adata is None else adata).layers[self.spec.layer]
             )
-            return_sparse = sp.issparse(counts) and method != "expected"
+            on_disk = isinstance(counts, anndata.abc.CSRDataset)
+            return_sparse = (sp.issparse(counts) or on_disk) and method != "expected"
         if method == "split":
             out = self._split_counts(adata, indices, batch_size, n_samples, seed)
             return out if return_sparse else out.toarray()
@@ -550,6 +607,61 @@ class SCAR:
                 cfg, v, b, ambient, int(n_samples), sample, k
             )
         return self._map(fn, adata, indices, batch_size, seed, sparse_output=bool(return_sparse))[0]
+
+    def write_denoised_counts(
+        self,
+        filename: str | Path,
+        adata: anndata.AnnData | None = None,
+        *,
+        layer: str = "denoised",
+        block_cells: int = _backed.DEFAULT_BLOCK_CELLS,
+        batch_size: int | None = None,
+        n_samples: int = 1,
+        seed: int = 0,
+        overwrite: bool = False,
+        progress_bar: bool = True,
+    ) -> None:
+        """Write the count-preserving denoised counts to a new ``.h5ad``, one block of cells at a time.
+
+        Beyond scvi-tools, for data larger than memory (an AnnData from :func:`scar_jax.backed.read_backed`,
+        or any other): the cells are read ``block_cells`` at a time (the next chunk in a background
+        thread), split as ``get_denoised_counts(method="split")`` does, and each block is appended to the
+        CSR ``layers[layer]`` of ``filename`` on disk, so memory holds one block. The file has the cells'
+        ``obs`` and ``var`` and no ``X``; read it with ``anndata.read_h5ad(filename, backed="r")``. The
+        result equals ``get_denoised_counts(adata, n_samples=..., seed=...)`` row for row (each cell's
+        draws depend only on the cell and the seed). The file is written under a temporary name and
+        renamed when complete, so an interrupted call leaves no partial file.
+        """
+        import h5py
+        from anndata.io import sparse_dataset, write_elem
+        from tqdm.auto import tqdm
+
+        if not self.is_trained:
+            raise RuntimeError("the model is not trained yet; call model.train() first")
+        if not isinstance(layer, str) or not layer:
+            raise ValueError(f"layer must be a non-empty string, got {layer!r}")
+        path = Path(filename)
+        if path.exists() and not overwrite:
+            raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
+        block = _positive_int(block_cells, "block_cells")
+        n_samples = _positive_int(n_samples, "n_samples")
+        adata = self.adata if adata is None else adata
+        obs = adata.obs if isinstance(adata.obs, pd.DataFrame) else pd.DataFrame(index=adata.obs_names)
+        partial = path.with_name(path.name + ".partial")
+        anndata.AnnData(obs=obs.copy(), var=adata.var.copy()).write_h5ad(partial)
+        starts = range(0, adata.n_obs, block)
+        try:
+            with h5py.File(partial, "r+") as f:
+                for start in tqdm(starts, desc="Denoising", unit="block", disable=not progress_bar):
+                    rows = np.arange(start, min(start + block, adata.n_obs))
+                    counts = self._split_counts(adata, rows, batch_size, n_samples, seed)
+                    if start == 0:
+                        write_elem(f["layers"], layer, counts)
+                    else:
+                        sparse_dataset(f["layers"][layer]).append(counts)
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
 
     def _split_counts(self, adata, indices, batch_size, n_samples: int, seed: int) -> sp.csr_matrix:
         """The count-preserving split: shares on the device at the observed counts, binomial draws on the host."""
@@ -743,7 +855,7 @@ class SCAR:
         """The train state and history of a checkpoint of this same model and data."""
         manifest, state_bytes, _ = _io.read_model_dir(checkpoint_dir)
         same = (
-            manifest["config"] == dataclasses.asdict(self.config)
+            SCARConfig(**manifest["config"]) == self.config
             and manifest["seed"] == self.seed
             and manifest["var_names"] == self.var_names.tolist()
             and all(

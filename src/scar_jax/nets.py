@@ -16,6 +16,12 @@ same running statistics are identical.
 Dense layers are initialised as ``torch.nn.Linear`` is (kaiming-uniform with a = sqrt(5), i.e.
 U(+-1/sqrt(fan_in)) for kernels and biases), so training from scratch starts where scvi-tools does.
 Layer names are fixed (``hidden_0`` ...), the contract for weight import and saving.
+
+Matmul precision (``matmul_precision``, beyond scvi-tools): ``"float32"`` (default) computes every Dense
+layer in true float32 on every backend (JAX's own default on NVIDIA GPUs since Ampere is TF32);
+``"tensorfloat32"`` and ``"bfloat16"`` round the layer inputs and kernels to TF32 / bfloat16 and
+accumulate in float32 (JAX dot algorithms ``TF32_TF32_F32`` / ``BF16_BF16_F32``) on GPUs; activations,
+BatchNorm and every likelihood stay float32. XLA's CPU backend has neither: there both compute float32.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import jax
 import jax.numpy as jnp
 
 ScaleActivation = Literal["softplus_sp", "softplus", "softmax"]
+MatmulPrecision = Literal["float32", "tensorfloat32", "bfloat16"]
+MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
 LatentDistribution = Literal["normal", "ln"]
 
 VAR_EPS = 1e-4
@@ -81,11 +89,21 @@ def scale_activation_fn(v: jax.Array, kind: ScaleActivation, sparsity: float) ->
     raise ValueError(f"scale_activation must be 'softplus_sp', 'softplus' or 'softmax', got {kind!r}")
 
 
-def _dense(features: int, fan_in: int, name: str) -> nn.Dense:
+def dot_precision(matmul_precision: MatmulPrecision) -> jax.lax.Precision | str:
+    """The ``precision`` of the Dense layers' dot products for a ``matmul_precision`` name (module docstring)."""
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
+    if matmul_precision == "float32" or jax.default_backend() != "gpu":
+        return jax.lax.Precision.HIGHEST
+    return "TF32_TF32_F32" if matmul_precision == "tensorfloat32" else "BF16_BF16_F32"
+
+
+def _dense(features: int, fan_in: int, name: str, matmul_precision: MatmulPrecision = "float32") -> nn.Dense:
     return nn.Dense(
         features,
         kernel_init=torch_linear_kernel_init(),
         bias_init=torch_linear_bias_init(fan_in),
+        precision=dot_precision(matmul_precision),
         name=name,
     )
 
@@ -96,11 +114,12 @@ class HiddenStack(nn.Module):
     n_hidden: int
     n_layers: int
     dropout_rate: float = 0.0
+    matmul_precision: MatmulPrecision = "float32"
 
     @nn.compact
     def __call__(self, h: jax.Array, train: bool) -> jax.Array:
         for i in range(self.n_layers):
-            h = _dense(self.n_hidden, h.shape[-1], f"dense_{i}")(h)
+            h = _dense(self.n_hidden, h.shape[-1], f"dense_{i}", self.matmul_precision)(h)
             h = nn.BatchNorm(
                 use_running_average=not train,
                 momentum=BATCHNORM_MOMENTUM,
@@ -120,13 +139,15 @@ class Encoder(nn.Module):
     n_hidden: int
     n_layers: int
     dropout_rate: float
+    matmul_precision: MatmulPrecision = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-        h = HiddenStack(self.n_hidden, self.n_layers, self.dropout_rate, name="hidden")(jnp.log1p(x), train)
+        precision = self.matmul_precision
+        h = HiddenStack(self.n_hidden, self.n_layers, self.dropout_rate, precision, name="hidden")(jnp.log1p(x), train)
         fan_in = h.shape[-1]
-        z_mean = _dense(self.n_latent, fan_in, "mean")(h)
-        z_var = jnp.exp(_dense(self.n_latent, fan_in, "log_var")(h)) + VAR_EPS
+        z_mean = _dense(self.n_latent, fan_in, "mean", precision)(h)
+        z_var = jnp.exp(_dense(self.n_latent, fan_in, "log_var", precision)(h)) + VAR_EPS
         return z_mean, z_var
 
 
@@ -139,15 +160,17 @@ class Decoder(nn.Module):
     scale_activation: ScaleActivation
     sparsity: float
     compute_zi_logits: bool = True
+    matmul_precision: MatmulPrecision = "float32"
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-        h = HiddenStack(self.n_hidden, self.n_layers, 0.0, name="hidden")(z, train)
+        precision = self.matmul_precision
+        h = HiddenStack(self.n_hidden, self.n_layers, 0.0, precision, name="hidden")(z, train)
         fan_in = h.shape[-1]
-        v = _dense(self.n_genes, fan_in, "native_frequencies")(h)
+        v = _dense(self.n_genes, fan_in, "native_frequencies", precision)(h)
         native_frequencies = row_normalize(scale_activation_fn(v, self.scale_activation, self.sparsity))
-        noise_ratio = tanh01(_dense(1, fan_in, "noise_ratio")(h))
-        zi_head = _dense(self.n_genes, fan_in, "zi_logits")
+        noise_ratio = tanh01(_dense(1, fan_in, "noise_ratio", precision)(h))
+        zi_head = _dense(self.n_genes, fan_in, "zi_logits", precision)
         # The zero-inflation head exists in every model (as in scvi-tools) but is only evaluated for
         # 'zinb': elsewhere it would cost a third of the decoder's work for an unused output.
         if self.compute_zi_logits or self.is_initializing():
@@ -173,11 +196,18 @@ class SCARNet(nn.Module):
     scale_activation: ScaleActivation = "softplus_sp"
     sparsity: float = 0.9
     compute_zi_logits: bool = True
+    matmul_precision: MatmulPrecision = "float32"
 
     def setup(self) -> None:
-        self.encoder = Encoder(self.n_latent, self.n_hidden, self.n_layers, self.dropout_rate)
+        self.encoder = Encoder(self.n_latent, self.n_hidden, self.n_layers, self.dropout_rate, self.matmul_precision)
         self.decoder = Decoder(
-            self.n_genes, self.n_hidden, self.n_layers, self.scale_activation, self.sparsity, self.compute_zi_logits
+            self.n_genes,
+            self.n_hidden,
+            self.n_layers,
+            self.scale_activation,
+            self.sparsity,
+            self.compute_zi_logits,
+            self.matmul_precision,
         )
         # scvi-tools: torch.randn(n_genes); kept (1, G) so it broadcasts without rank promotion.
         self.px_r = self.param("px_r", nn.initializers.normal(1.0), (1, self.n_genes))

@@ -35,9 +35,10 @@ from .vae import (
 class HostCells(NamedTuple):
     """Cells on the host: counts ``(n, G)`` (dense or CSR), library ``(n, 1)``, batch index ``(n,)``."""
 
-    x: np.ndarray | sp.csr_matrix
+    x: np.ndarray | sp.csr_matrix  # or a scar_jax.backed.BackedCounts (CSR on disk, read by rows)
     library: np.ndarray
     batch_index: np.ndarray
+    max_count: float = float("inf")  # the largest count, when known (it picks the device dtype of streamed data)
 
 
 def fold_in_each(cell_keys: jax.Array, data: int | jax.Array) -> jax.Array:
@@ -172,6 +173,12 @@ def _dense_rows(x: np.ndarray | sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
     return (block.toarray() if sp.issparse(block) else np.asarray(block)).astype(np.float32, copy=False)
 
 
+@jax.jit
+def _cell_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+    """One key per cell, ``fold_in(key, row)``: a cell's draws do not depend on its chunk."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, rows)
+
+
 def map_chunks(
     fn: Callable[[Batch, jax.Array], Any],
     cells: HostCells,
@@ -185,7 +192,9 @@ def map_chunks(
     ``fn`` returns an array or a tuple of arrays with cells on the first axis. The last chunk is padded
     (with its first row) to ``batch_size`` so that ``fn`` compiles once; padding is dropped. One chunk
     is computed while the previous one is copied to the host, so device memory holds at most two
-    chunks of results. With ``sparse_output`` each chunk is stored as CSR (bounded host memory for
+    chunks of results, and the next chunk is read and densified on the host in a background thread
+    (:func:`scar_jax.backed.prefetch`; ``cells.x`` may be a matrix on disk). With ``sparse_output``
+    each chunk is stored as CSR (bounded host memory for
     sparse results such as count-preserving denoised counts).
     """
     rows = np.asarray(rows, dtype=np.int64)
@@ -197,17 +206,23 @@ def map_chunks(
         arrays = [np.asarray(o)[:n_valid] for o in out]
         return tuple(sp.csr_matrix(a) if sparse_output else a for a in arrays)
 
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        n_valid = len(chunk)
-        if n_valid < batch_size:
-            chunk = np.concatenate([chunk, np.full(batch_size - n_valid, chunk[0])])
+    def host_chunks():  # read and densify on the host, one chunk ahead (prefetch thread)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            n_valid = len(chunk)
+            if n_valid < batch_size:
+                chunk = np.concatenate([chunk, np.full(batch_size - n_valid, chunk[0])])
+            yield chunk, n_valid, _dense_rows(cells.x, chunk)
+
+    from .backed import prefetch
+
+    for chunk, n_valid, dense in prefetch(host_chunks()):
         batch = Batch(
-            jnp.asarray(_dense_rows(cells.x, chunk)),
+            jnp.asarray(dense),
             jnp.asarray(cells.library[chunk], jnp.float32),
             jnp.asarray(cells.batch_index[chunk], jnp.int32),
         )
-        cell_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(chunk, jnp.uint32))
+        cell_keys = _cell_keys(key, jnp.asarray(chunk, jnp.uint32))
         out = fn(batch, cell_keys)  # dispatched asynchronously
         if in_flight is not None:
             done.append(to_host(*in_flight))  # copied while the chunk above computes

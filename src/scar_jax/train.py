@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .counts import DenseCounts, EllCounts
+from .counts import CsrCounts, DenseCounts, EllCounts
 from .nets import SCARNet
 from .vae import Batch, SCARConfig, loss_terms
 
-Counts = DenseCounts | EllCounts
+Counts = DenseCounts | CsrCounts | EllCounts
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -200,13 +200,15 @@ def make_train_epoch(
     tx: optax.GradientTransformation,
     batch_size: int,
     mesh: jax.sharding.Mesh | None = None,
+    unroll: int = 1,
 ) -> Callable[..., tuple[TrainState, EpochSums]]:
     """A donated, jit-compiled epoch: ``(state, data, train_rows, ambient_profile, kl_weight)``.
 
     The training rows are shuffled with a key from ``(state.key, state.step)``, cut into minibatches
     of ``batch_size`` (plus one final partial minibatch of static size), and scanned. With a ``mesh``
     (:func:`data_parallel_mesh`) each minibatch is split over its devices (:func:`shard_minibatch`);
-    the state and data are expected replicated over the mesh.
+    the state and data are expected replicated over the mesh. ``unroll`` optimizer steps run per
+    iteration of the scan's loop (``lax.scan(unroll=...)``: fewer loop iterations, the same arithmetic).
     """
     train_step = make_train_step(net, config, tx)
 
@@ -222,7 +224,8 @@ def make_train_epoch(
             return train_step(state, shard_minibatch(data.batch(minibatch_rows), mesh), ambient_profile, kl_weight)
 
         if n_full > 0:
-            state, sums = jax.lax.scan(body, state, rows[: n_full * batch_size].reshape(n_full, batch_size))
+            minibatches = rows[: n_full * batch_size].reshape(n_full, batch_size)
+            state, sums = jax.lax.scan(body, state, minibatches, unroll=max(1, min(unroll, n_full)))
             total = EpochSums(*(s.sum() for s in sums))
         if n_rest > 0:
             state, sums = body(state, rows[n_full * batch_size :])
@@ -269,16 +272,19 @@ def compiled_training(
     eps: float = 0.01,
     weight_decay: float = 1e-6,
     devices: tuple[jax.Device, ...] | None = None,
+    unroll: int = 1,
 ) -> tuple[optax.GradientTransformation, Callable[..., tuple[TrainState, EpochSums]], Callable[..., EpochSums]]:
     """The optimizer, compiled epoch and compiled validation for a configuration, built once per process.
 
     Models with the same configuration and training settings share compiled code, so training a second
     model (or training again) does not compile again. Several ``devices``: data parallel over them.
+    ``unroll``: optimizer steps per scan iteration (:func:`make_train_epoch`).
     """
     net = config.make_net()
     tx = make_optimizer(lr, eps, weight_decay)
     mesh = data_parallel_mesh(devices) if devices is not None and len(devices) > 1 else None
-    return tx, make_train_epoch(net, config, tx, batch_size, mesh), make_evaluate(net, config, batch_size, mesh)
+    epoch = make_train_epoch(net, config, tx, batch_size, mesh, unroll)
+    return tx, epoch, make_evaluate(net, config, batch_size, mesh)
 
 
 class EarlyStopping(NamedTuple):

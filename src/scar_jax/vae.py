@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 
 from .likelihoods import GENE_LIKELIHOODS, GeneLikelihood, make_likelihood, mixture_probs
-from .nets import LatentDistribution, ScaleActivation, SCARNet
+from .nets import MATMUL_PRECISIONS, LatentDistribution, MatmulPrecision, ScaleActivation, SCARNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,7 @@ class SCARConfig:
     latent_distribution: LatentDistribution = "normal"
     scale_activation: ScaleActivation = "softplus_sp"
     sparsity: float = 0.9
+    matmul_precision: MatmulPrecision = "float32"  # beyond scvi-tools: see scar_jax.nets
 
     def __post_init__(self) -> None:
         for name in ("n_genes", "n_hidden", "n_latent", "n_layers"):
@@ -60,6 +61,11 @@ class SCARConfig:
             )
         if not 0.0 <= float(self.sparsity) <= 1.0:
             raise ValueError(f"sparsity must be in [0, 1], got {self.sparsity!r}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(
+                f"matmul_precision must be one of {MATMUL_PRECISIONS} (float32 is exact; the others are faster on "
+                f"GPUs), got {self.matmul_precision!r}"
+            )
 
     def make_net(self) -> SCARNet:
         fields = dataclasses.asdict(self)

@@ -1,0 +1,276 @@
+"""Counts that stay on disk: an ``.h5ad`` opened backed or a zarr store, read in row blocks.
+
+Out-of-core work has three parts, each a small piece here:
+
+* :class:`BackedCounts` gives row access to a CSR matrix on disk (anndata's sparse dataset) with the few
+  array operations scar-jax's host code uses (``shape``, ``nnz``, ``x[rows]``), so validation, library
+  sizes, the ambient profile and chunked inference read it block by block;
+* :func:`prefetch` reads the next block in a background thread while the device works on the current one;
+* :func:`streamed_training` trains on blocks of consecutive training cells: each block is read from disk
+  (contiguous rows), put on the device in the narrow CSR format of :mod:`scar_jax.counts`, padded to
+  fixed capacities so that the compiled epoch is reused, and the compiled epoch runs over its cells.
+
+Shuffling is per block ("block shuffling", as out-of-core loaders do): the order of the blocks is
+permuted every epoch and the minibatches are drawn from one block at a time, shuffled within it. With
+one block holding every training cell the result equals in-memory training (tested); with several, the
+minibatches differ (cells only meet cells of their block), so train with blocks of many cells (default
+65,536) when the file is sorted by sample.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import anndata
+import jax
+import numpy as np
+import scipy.sparse as sp
+
+from .counts import CsrCounts, aligned_copy
+
+DEFAULT_BLOCK_CELLS = 65_536
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class BackedCounts:
+    """Row access to a CSR count matrix on disk (``anndata.abc.CSRDataset``: backed h5ad or zarr).
+
+    ``x[a:b]`` and ``x[rows]`` (any integer rows, repeats allowed) return in-memory ``csr_matrix`` blocks;
+    an array of rows is read as the one contiguous range it spans, so callers pass nearby rows.
+    """
+
+    def __init__(self, dataset: anndata.abc.CSRDataset):
+        if not isinstance(dataset, anndata.abc.CSRDataset):
+            raise TypeError(
+                f"out-of-core counts must be a CSR matrix on disk, got {type(dataset).__name__}; write the file "
+                "with a CSR X (adata.X = scipy.sparse.csr_matrix(adata.X)) or load it into memory"
+            )
+        self.dataset = dataset
+        self.shape = tuple(int(s) for s in dataset.shape)
+        self.indptr = np.asarray(dataset.group["indptr"][...], np.int64)  # (n_cells + 1,): small
+        self.nnz = int(self.indptr[-1])
+        self.dtype = np.dtype(dataset.group["data"].dtype)
+
+    def __getitem__(self, rows: Any) -> sp.csr_matrix:
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.shape[0])
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            return sp.csr_matrix(self.dataset[start:stop]) if stop > start else sp.csr_matrix((0, self.shape[1]))
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        rows = rows.astype(np.int64).ravel()
+        if rows.size == 0:
+            return sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
+        low, high = int(rows.min()), int(rows.max()) + 1
+        return self[low:high][rows - low]
+
+
+def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Iterate over ``items`` with the next ``depth`` of them produced in a background thread.
+
+    Reading (disk, decompression, densifying) then overlaps with the device's work. An exception raised
+    while producing an item is raised here, at that item.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((item, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            q.put((None, err))
+        q.put((done, None))
+
+    thread = threading.Thread(target=produce, daemon=True, name="scar-jax-prefetch")
+    thread.start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.01)
+
+
+def read_backed(path: str | Path) -> anndata.AnnData:
+    """Open counts on disk without loading ``X``: an ``.h5ad`` file (``backed="r"``) or a zarr store.
+
+    ``obs`` and ``var`` are read into memory; ``X`` (CSR) stays on disk. The AnnData can be given to
+    :meth:`SCAR.setup_anndata` and ``SCAR`` like any other: training and the out-of-core methods stream
+    ``X`` in blocks.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    if path.is_dir():  # zarr store
+        import zarr
+        from anndata.io import read_elem, sparse_dataset
+
+        group = zarr.open(str(path), mode="r")
+        if "X" not in group:
+            raise ValueError(f"{path} has no X; write it with AnnData.write_zarr")
+        return anndata.AnnData(X=sparse_dataset(group["X"]), obs=read_elem(group["obs"]), var=read_elem(group["var"]))
+    return anndata.read_h5ad(path, backed="r")
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+class BlockPlan(NamedTuple):
+    """Blocks of consecutive selected cells and the fixed capacities every block is padded to."""
+
+    groups: list[np.ndarray]  # selected rows of each block, sorted (file positions)
+    row_capacity: int  # most file rows any block spans
+    nnz_capacity: int  # most stored entries any block's span holds
+
+
+def plan_blocks(indptr: np.ndarray, rows: np.ndarray, block_cells: int) -> BlockPlan:
+    """Cut sorted ``rows`` into blocks of ``block_cells`` and size the padding from the file's ``indptr``."""
+    rows = np.sort(np.asarray(rows, np.int64))
+    groups = [rows[i : i + block_cells] for i in range(0, len(rows), block_cells)]
+    spans = [(int(g[0]), int(g[-1]) + 1) for g in groups]
+    row_capacity = max((b - a for a, b in spans), default=1)
+    nnz_capacity = max((int(indptr[b] - indptr[a]) for a, b in spans), default=1)
+    return BlockPlan(groups, max(row_capacity, 1), max(nnz_capacity, 1))
+
+
+class HostBlock(NamedTuple):
+    """One block on the host, padded: CSR arrays, library and batch index of its span, local cell rows."""
+
+    indptr: np.ndarray  # (row_capacity + 1,) int32
+    indices: np.ndarray  # (nnz_capacity,) uint16 or int32
+    data: np.ndarray  # (nnz_capacity,) uint16 or float32
+    library: np.ndarray  # (row_capacity, 1) float32
+    batch_index: np.ndarray  # (row_capacity,) int32
+    rows: np.ndarray  # (len(group),) int32: the selected cells, relative to the span's first row
+
+
+def read_block(
+    counts: BackedCounts,
+    group: np.ndarray,
+    plan: BlockPlan,
+    library: np.ndarray,
+    batch_index: np.ndarray,
+    index_dtype: type,
+    data_dtype: type,
+) -> HostBlock:
+    """Read the file rows spanned by ``group`` and pad them to the plan's capacities (host side)."""
+    first, stop = int(group[0]), int(group[-1]) + 1
+    block = counts[first:stop]
+    if not block.has_canonical_format:
+        block.sum_duplicates()
+    n_rows, nnz = stop - first, block.nnz
+    indptr = np.full(plan.row_capacity + 1, nnz, np.int32)
+    indptr[: n_rows + 1] = block.indptr
+    indices = np.zeros(plan.nnz_capacity, index_dtype)
+    data = np.zeros(plan.nnz_capacity, data_dtype)
+    indices[:nnz] = block.indices
+    data[:nnz] = block.data
+    lib = np.ones((plan.row_capacity, 1), np.float32)
+    lib[:n_rows] = library[first:stop]
+    bidx = np.zeros(plan.row_capacity, np.int32)
+    bidx[:n_rows] = batch_index[first:stop]
+    return HostBlock(
+        aligned_copy(indptr, np.int32),
+        aligned_copy(indices, index_dtype),
+        aligned_copy(data, data_dtype),
+        lib,
+        bidx,
+        (group - first).astype(np.int32),
+    )
+
+
+def narrow_dtypes(counts: BackedCounts, max_count: float) -> tuple[type, type]:
+    """The device dtypes of :func:`scar_jax.counts.csr_to_device` for this matrix."""
+    index_dtype = np.uint16 if counts.shape[1] <= 2**16 else np.int32
+    data_dtype = np.uint16 if max_count <= np.iinfo(np.uint16).max else np.float32
+    return index_dtype, data_dtype
+
+
+def blocks_on_device(
+    counts: BackedCounts,
+    plan: BlockPlan,
+    order: np.ndarray,
+    library: np.ndarray,
+    batch_index: np.ndarray,
+    dtypes: tuple[type, type],
+    device: Any,
+) -> Iterator[tuple[Any, jax.Array]]:
+    """``(CellData, local rows)`` for the plan's blocks in ``order``; the next block is read in the background."""
+    from .train import CellData
+
+    max_row_nnz = int(np.diff(counts.indptr).max(initial=0))
+    reads = (read_block(counts, plan.groups[i], plan, library, batch_index, *dtypes) for i in order)
+    for block in prefetch(reads, depth=1):
+        csr = CsrCounts(
+            jax.device_put(block.indptr, device),
+            jax.device_put(block.indices, device),
+            jax.device_put(block.data, device),
+            n_genes=counts.shape[1],
+            max_row_nnz=max_row_nnz,
+        )
+        data = CellData(csr, jax.device_put(block.library, device), jax.device_put(block.batch_index, device))
+        yield data, jax.device_put(block.rows, device)
+
+
+def streamed_training(
+    train_epoch: Callable[..., Any],
+    evaluate: Callable[..., Any],
+    counts: BackedCounts,
+    library: np.ndarray,
+    batch_index: np.ndarray,
+    train_rows: np.ndarray,
+    validation_rows: np.ndarray,
+    block_cells: int,
+    max_count: float,
+    device: Any,
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``(epoch, evaluate)`` with the signatures :func:`scar_jax.train.fit` expects, streaming blocks from disk.
+
+    The block order of an epoch is a permutation drawn from ``(state.key, state.step)``, like every other
+    random choice of training; the ``data`` and ``rows`` arguments ``fit`` passes are ignored.
+    """
+    from .train import EpochSums
+
+    dtypes = narrow_dtypes(counts, max_count)
+    train_plan = plan_blocks(counts.indptr, train_rows, block_cells)
+    val_plan = plan_blocks(counts.indptr, validation_rows, block_cells) if len(validation_rows) else None
+
+    def add(total: EpochSums | None, sums: EpochSums) -> EpochSums:
+        return sums if total is None else EpochSums(*(a + b for a, b in zip(total, sums, strict=True)))
+
+    def epoch(state, _data, _rows, ambient_profile, kl_weight):
+        key = jax.random.fold_in(jax.random.fold_in(state.key, 3), state.step)
+        order = np.asarray(jax.random.permutation(key, len(train_plan.groups)))
+        total = None
+        for data, rows in blocks_on_device(counts, train_plan, order, library, batch_index, dtypes, device):
+            state, sums = train_epoch(state, data, rows, ambient_profile, kl_weight)
+            total = add(total, sums)
+        return state, total
+
+    def streamed_evaluate(variables, _data, _rows, ambient_profile, kl_weight, key):
+        total = None
+        order = np.arange(len(val_plan.groups))
+        blocks = blocks_on_device(counts, val_plan, order, library, batch_index, dtypes, device)
+        for i, (data, rows) in enumerate(blocks):  # cell keys fold in local rows: one stream per block
+            block_key = key if len(order) == 1 else jax.random.fold_in(key, i)
+            total = add(total, evaluate(variables, data, rows, ambient_profile, kl_weight, block_key))
+        return total
+
+    return epoch, streamed_evaluate

@@ -305,6 +305,7 @@ def test_bad_arguments_are_refused():
         ({"gene_likelihood": "gauss"}, "gene_likelihood"),
         ({"n_latent": 0}, "n_latent"),
         ({"scale_activation": "relu"}, "scale_activation"),
+        ({"matmul_precision": "float8"}, "matmul_precision"),
     ]:
         with pytest.raises(ValueError, match=match):
             SCAR(adata, **kwargs)
@@ -319,9 +320,21 @@ def test_bad_arguments_are_refused():
         model.train(max_epochs=0)
     with pytest.raises(ValueError, match="accelerator"):
         model.train(max_epochs=1, accelerator="quantum")
+    with pytest.raises(ValueError, match="scan_unroll"):
+        model.train(max_epochs=1, scan_unroll=0)
     model.train(max_epochs=1, enable_progress_bar=False)
     with pytest.raises(ValueError, match="indices"):
         model.get_elbo(indices=[0, 50])
+
+
+def test_scan_unroll_runs_the_same_steps():
+    """Unrolling the epoch's loop changes only the float32 summation order of the same steps."""
+    _, base = _small(seed=0)
+    adata, _ = _small(seed=0)
+    unrolled = SCAR(adata, **SMALL, seed=0)
+    unrolled.train(max_epochs=3, batch_size=64, enable_progress_bar=False, scan_unroll=2)
+    for x, y in zip(_leaves(base), _leaves(unrolled), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_training_again_continues_from_the_current_weights():

@@ -9,6 +9,7 @@ import pytest
 
 from scar_jax.nets import (
     SCARNet,
+    dot_precision,
     row_normalize,
     scale_activation_fn,
     softplus_sp,
@@ -298,3 +299,32 @@ def test_logistic_normal_decodes_softmax_z(variables):
     # and it is not a no-op
     raw = normal.apply(variables, z, method="decode")
     assert np.abs(np.asarray(raw[0]) - np.asarray(got[0])).max() > 1e-5
+
+
+# ---------------------------------------------------------------- matmul precision
+
+
+def test_dot_precision_per_backend(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert dot_precision("float32") == jax.lax.Precision.HIGHEST  # true float32 (JAX's GPU default is TF32)
+    assert dot_precision("tensorfloat32") == "TF32_TF32_F32"
+    assert dot_precision("bfloat16") == "BF16_BF16_F32"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # XLA's CPU has neither: float32
+    assert {dot_precision(p) for p in ("float32", "tensorfloat32", "bfloat16")} == {jax.lax.Precision.HIGHEST}
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        dot_precision("float8")
+
+
+def test_reduced_precision_names_keep_float32_results_on_cpu():
+    if jax.default_backend() != "cpu":
+        pytest.skip("on GPUs the reduced precisions do change the results")
+    x = jax.random.poisson(jax.random.key(0), 3.0, (6, N_GENES)).astype(jnp.float32)
+    noise = jax.random.normal(jax.random.key(1), (6, N_LATENT))
+    outputs = {}
+    for precision in ("float32", "bfloat16", "tensorfloat32"):
+        net = SCARNet(N_GENES, n_hidden=N_HIDDEN, n_latent=N_LATENT, matmul_precision=precision)
+        variables = init_variables(net, jax.random.key(2), N_GENES)
+        outputs[precision] = net.apply(variables, x, noise)
+    for precision in ("bfloat16", "tensorfloat32"):
+        for a, b in zip(outputs["float32"], outputs[precision], strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -504,3 +504,25 @@ def test_fewer_cells_than_a_batch_train_as_one_smaller_minibatch():
     assert len(model.train_indices) == 9 and len(model.validation_indices) == 1
     assert int(model._state.step) == 3  # one optimizer step (one minibatch) per epoch
     assert np.isfinite([row["train_loss_epoch"] for row in model.history_rows]).all()
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_validating_pass_is_chunked_and_exact(monkeypatch, fmt):
+    """The one pass over row chunks finds a bad value in any chunk and sums exactly like SciPy/NumPy."""
+    import scar_jax.data as data
+
+    monkeypatch.setattr(data, "HOST_CHUNK_ENTRIES", 7)  # many small chunks
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(2.0, (23, 5)).astype(np.float32)
+    dense[:, 0] += 1  # every cell has counts
+    x = sp.csr_matrix(dense) if fmt == "csr" else dense
+    summary = data.validate_counts(x, "adata.X")
+    np.testing.assert_array_equal(summary.row_sums, dense.sum(axis=1, dtype=np.float64))
+    np.testing.assert_array_equal(summary.column_sums, dense.sum(axis=0, dtype=np.float64))
+    assert summary.max_count == dense.max()
+    assert len(data.row_chunks(x)) > 3
+    for value, match in ((np.nan, "NaN"), (-1.0, "negative"), (0.5, "non-integer")):
+        bad = dense.copy()
+        bad[21, 3] = value  # in the last chunks
+        with pytest.raises(ValueError, match=match):
+            data.validate_counts(sp.csr_matrix(bad) if fmt == "csr" else bad, "adata.X")

@@ -19,7 +19,7 @@ from .backed import BackedCounts, prefetch
 from .posterior import HostCells
 
 UNS_KEY = "_scar_jax"
-HOST_CHUNK_ENTRIES = 1 << 22  # stored entries per step of the host-side passes below (bounds their temporaries)
+HOST_CHUNK_ENTRIES = 1 << 20  # stored entries per step of the host-side passes below (bounds their temporaries)
 
 
 class CountSummary(NamedTuple):

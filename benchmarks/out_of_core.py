@@ -14,7 +14,8 @@ Steps (each printed with its wall time):
    enforced limit: any allocation beyond it fails; it counts virtual memory, so it is stricter than a cap
    on resident memory): ``scar_jax.backed.read_backed``, ``SCAR.setup_anndata`` (one validating pass),
    ``SCAR(...)`` (the ambient profile: a second pass), ``train(max_epochs=--epochs)`` streamed in blocks
-   of ``--block-cells``, and ``write_denoised_counts`` to ``--dir``/denoised.h5ad block by block;
+   of ``--block-cells``, and ``write_denoised_counts`` to ``--dir``/denoised.h5ad block by block (the
+   child runs with ``MALLOC_ARENA_MAX=2``: every glibc arena reserves address space the cap counts);
 3. the parent checks the output (shape, and denoised <= raw on the first 1,000 cells) and prints a table:
    file size, cap, the child's peak resident memory (``VmHWM``), the time of each phase. (One epoch shows
    the memory bound, not denoising quality.) The child's training cells/s include compiling the epoch.
@@ -102,7 +103,8 @@ def main() -> None:
     parser.add_argument("--factor", type=float, default=3.0, help="CSR size of the file / cap")
     parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--block-cells", type=int, default=65_536)
+    parser.add_argument("--block-cells", type=int, default=32_768)
+    parser.add_argument("--reuse-file", action="store_true", help="reuse --dir/counts.h5ad written by an earlier run")
     parser.add_argument("--write-block", type=int, default=50_000, help="cells generated per block of the file")
     parser.add_argument("--dir", default="/tmp/scar_jax_out_of_core")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -113,11 +115,18 @@ def main() -> None:
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "counts.h5ad"
-    t0 = time.perf_counter()
-    info = write_file(path, int(args.factor * args.cap_gib * 2**30), args.genes, args.write_block)
-    print(f"wrote {path}: {info} in {time.perf_counter() - t0:.0f} s", flush=True)
+    sidecar = folder / "counts.json"
+    if args.reuse_file and sidecar.exists():
+        info = json.loads(sidecar.read_text())
+        print(f"reusing {path}: {info}", flush=True)
+    else:
+        t0 = time.perf_counter()
+        info = write_file(path, int(args.factor * args.cap_gib * 2**30), args.genes, args.write_block)
+        sidecar.write_text(json.dumps(info))
+        print(f"wrote {path}: {info} in {time.perf_counter() - t0:.0f} s", flush=True)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", *sys.argv[1:]]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    # fewer glibc malloc arenas: each thread's arena reserves address space that the cap counts
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     if proc.returncode != 0:
         print(f"child failed with exit {proc.returncode} (its stderr is above)")
         sys.exit(1)

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import scipy.sparse as sp
 
-from .counts import CsrCounts, aligned_copy
+from .counts import CsrCounts, aligned_empty
 
 DEFAULT_BLOCK_CELLS = 65_536
 
@@ -176,24 +176,22 @@ def read_block(
     if not block.has_canonical_format:
         block.sum_duplicates()
     n_rows, nnz = stop - first, block.nnz
-    indptr = np.full(plan.row_capacity + 1, nnz, np.int32)
+    # filled straight into 64-byte aligned buffers: on the CPU backend they become the device arrays
+    indptr = aligned_empty(plan.row_capacity + 1, np.int32)
     indptr[: n_rows + 1] = block.indptr
-    indices = np.zeros(plan.nnz_capacity, index_dtype)
-    data = np.zeros(plan.nnz_capacity, data_dtype)
+    indptr[n_rows + 1 :] = nnz
+    indices = aligned_empty(plan.nnz_capacity, index_dtype)
     indices[:nnz] = block.indices
+    indices[nnz:] = 0
+    data = aligned_empty(plan.nnz_capacity, data_dtype)
     data[:nnz] = block.data
+    data[nnz:] = 0
+    del block
     lib = np.ones((plan.row_capacity, 1), np.float32)
     lib[:n_rows] = library[first:stop]
     bidx = np.zeros(plan.row_capacity, np.int32)
     bidx[:n_rows] = batch_index[first:stop]
-    return HostBlock(
-        aligned_copy(indptr, np.int32),
-        aligned_copy(indices, index_dtype),
-        aligned_copy(data, data_dtype),
-        lib,
-        bidx,
-        (group - first).astype(np.int32),
-    )
+    return HostBlock(indptr, indices, data, lib, bidx, (group - first).astype(np.int32))
 
 
 def narrow_dtypes(counts: BackedCounts, max_count: float) -> tuple[type, type]:
@@ -217,7 +215,7 @@ def blocks_on_device(
 
     max_row_nnz = int(np.diff(counts.indptr).max(initial=0))
     reads = (read_block(counts, plan.groups[i], plan, library, batch_index, *dtypes) for i in order)
-    for block in prefetch(reads, depth=1):
+    for block in prefetch(reads, depth=1):  # host memory: this block, the next one, one being read
         csr = CsrCounts(
             jax.device_put(block.indptr, device),
             jax.device_put(block.indices, device),

@@ -81,16 +81,21 @@ class CsrCounts(flax.struct.PyTreeNode):
 HOST_CHUNK_ENTRIES = 1 << 24  # entries converted per step on the host (bounds every temporary)
 
 
+def aligned_empty(n: int, dtype: np.dtype | type) -> np.ndarray:
+    """An uninitialised 1-d array of ``n`` entries whose data start on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(n * dtype.itemsize + 64, np.uint8)
+    offset = -raw.ctypes.data % 64
+    return raw[offset : offset + n * dtype.itemsize].view(dtype)
+
+
 def aligned_copy(values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
     """A 64-byte aligned copy of a 1-d array in ``dtype``, filled in chunks of ``HOST_CHUNK_ENTRIES``.
 
     On XLA's CPU backend ``jax.device_put`` aliases 64-byte aligned host arrays instead of copying them, so
     the device array *is* this buffer there; elsewhere it is a staging copy freed after the transfer.
     """
-    dtype = np.dtype(dtype)
-    raw = np.empty(values.size * dtype.itemsize + 64, np.uint8)
-    offset = -raw.ctypes.data % 64
-    out = raw[offset : offset + values.size * dtype.itemsize].view(dtype)
+    out = aligned_empty(values.size, dtype)
     for start in range(0, values.size, HOST_CHUNK_ENTRIES):
         out[start : start + HOST_CHUNK_ENTRIES] = values[start : start + HOST_CHUNK_ENTRIES]
     return out

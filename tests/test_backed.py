@@ -119,11 +119,15 @@ def test_plan_blocks_capacities_are_the_largest_spans():
     indptr = np.concatenate([[0], np.cumsum(rng.integers(0, 9, 100))])
     rows = np.sort(rng.choice(100, 61, replace=False))
     plan = plan_blocks(indptr, rows[::-1], block_cells=16)  # unsorted input is sorted
-    assert [len(g) for g in plan.groups] == [16, 16, 16, 13]
+    # a block spans about 16 file rows: ceil(16 x 61 / 100) = 10 selected cells
+    assert [len(g) for g in plan.groups] == [10, 10, 10, 10, 10, 10, 1]
     np.testing.assert_array_equal(np.concatenate(plan.groups), rows)
     spans = [(g[0], g[-1] + 1) for g in plan.groups]
     assert plan.row_capacity == max(b - a for a, b in spans)
     assert plan.nnz_capacity == max(indptr[b] - indptr[a] for a, b in spans)
+    # training blocks hold whole minibatches: a multiple of the batch size, only the last one partial
+    assert [len(g) for g in plan_blocks(indptr, rows, block_cells=16, multiple=4).groups] == [12] * 5 + [1]
+    assert len(plan_blocks(indptr, rows, block_cells=1000).groups) == 1
 
 
 # ---------------------------------------------------------------------------------------------- training

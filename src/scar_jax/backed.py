@@ -6,19 +6,21 @@ Out-of-core work has three parts, each a small piece here:
   array operations scar-jax's host code uses (``shape``, ``nnz``, ``x[rows]``), so validation, library
   sizes, the ambient profile and chunked inference read it block by block;
 * :func:`prefetch` reads the next block in a background thread while the device works on the current one;
-* :func:`streamed_training` trains on blocks of consecutive training cells: each block is read from disk
-  (contiguous rows), put on the device in the narrow CSR format of :mod:`scar_jax.counts`, padded to
+* :func:`streamed_training` trains on blocks of consecutive training cells, each spanning about
+  ``block_cells`` rows of the file (a multiple of the minibatch size of training cells): each block is
+  read from disk (contiguous rows), put on the device in the narrow CSR format of :mod:`scar_jax.counts`, padded to
   fixed capacities so that the compiled epoch is reused, and the compiled epoch runs over its cells.
 
 Shuffling is per block ("block shuffling", as out-of-core loaders do): the order of the blocks is
 permuted every epoch and the minibatches are drawn from one block at a time, shuffled within it. With
 one block holding every training cell the result equals in-memory training (tested); with several, the
 minibatches differ (cells only meet cells of their block), so train with blocks of many cells (default
-65,536) when the file is sorted by sample.
+65,536 rows of the file) when the file is sorted by sample.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -140,10 +142,19 @@ class BlockPlan(NamedTuple):
     nnz_capacity: int  # most stored entries any block's span holds
 
 
-def plan_blocks(indptr: np.ndarray, rows: np.ndarray, block_cells: int) -> BlockPlan:
-    """Cut sorted ``rows`` into blocks of ``block_cells`` and size the padding from the file's ``indptr``."""
+def plan_blocks(indptr: np.ndarray, rows: np.ndarray, block_cells: int, multiple: int = 1) -> BlockPlan:
+    """Cut sorted ``rows`` into blocks that each span about ``block_cells`` rows of the file.
+
+    A block holds ``ceil(block_cells x len(rows) / n_cells)`` selected cells rounded up to a multiple of
+    ``multiple`` (the minibatch size, so that only the last block has a partial minibatch), so sparse
+    selections (e.g. 10% validation cells) do not read ten times ``block_cells`` rows per block. The
+    capacities (most file rows and stored entries of any block's span) come from the file's ``indptr``.
+    """
     rows = np.sort(np.asarray(rows, np.int64))
-    groups = [rows[i : i + block_cells] for i in range(0, len(rows), block_cells)]
+    n_file_rows = max(len(indptr) - 1, 1)
+    per_block = math.ceil(block_cells * len(rows) / n_file_rows / multiple) * multiple
+    per_block = max(per_block, multiple, 1)
+    groups = [rows[i : i + per_block] for i in range(0, len(rows), per_block)]
     spans = [(int(g[0]), int(g[-1]) + 1) for g in groups]
     row_capacity = max((b - a for a, b in spans), default=1)
     nnz_capacity = max((int(indptr[b] - indptr[a]) for a, b in spans), default=1)
@@ -238,6 +249,7 @@ def streamed_training(
     block_cells: int,
     max_count: float,
     device: Any,
+    batch_size: int = 128,
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """``(epoch, evaluate)`` with the signatures :func:`scar_jax.train.fit` expects, streaming blocks from disk.
 
@@ -247,7 +259,7 @@ def streamed_training(
     from .train import EpochSums
 
     dtypes = narrow_dtypes(counts, max_count)
-    train_plan = plan_blocks(counts.indptr, train_rows, block_cells)
+    train_plan = plan_blocks(counts.indptr, train_rows, block_cells, batch_size)
     val_plan = plan_blocks(counts.indptr, validation_rows, block_cells) if len(validation_rows) else None
 
     def add(total: EpochSums | None, sums: EpochSums) -> EpochSums:

@@ -171,7 +171,11 @@ class SCAR:
         ``max_kl_weight`` (1), ``min_kl_weight`` (0). Extra keywords: ``early_stopping_monitor``
         (``"elbo_validation"``), ``early_stopping_patience`` (45), ``early_stopping_min_delta`` (0),
         ``enable_progress_bar`` (True), and beyond scvi-tools ``scan_unroll`` (1: optimizer steps per
-        iteration of the compiled epoch's loop; the same arithmetic, measured in ``benchmarks/scale.py``).
+        iteration of the compiled epoch's loop; the same arithmetic, measured in ``benchmarks/scale.py``)
+        and ``block_cells`` (None: sparse counts in memory stay resident on the device, counts on disk
+        (:func:`scar_jax.backed.read_backed`) are streamed in blocks spanning about 65,536 rows; an int
+        streams blocks of about that many rows, from memory too, e.g. when the device cannot hold the data;
+        see :mod:`scar_jax.backed` for the block shuffling).
         Training data stay on the device, and each epoch is one
         compiled call; ``load_sparse_tensor`` is accepted for compatibility (sparse input is always
         kept sparse on the device and densified per minibatch). Training again continues from the
@@ -259,6 +263,7 @@ class SCAR:
                 block,
                 cells.max_count,
                 placement,
+                int(batch_size),
             )
             resident, train_rows, validation_rows = None, train_idx, np.empty(len(val_idx))
         else:

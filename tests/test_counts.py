@@ -229,3 +229,12 @@ def test_csr_to_device_does_not_modify_a_non_canonical_input():
     np.testing.assert_array_equal(np.asarray(counts.take(jnp.arange(2))), [[2, 0, 4, 0], [0, 0, 0, 0]])
     for a, b in zip((x.data, x.indices, x.indptr), before, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_duplicates_summed_past_uint16_are_not_truncated():
+    """A non-canonical matrix whose summed duplicates exceed 65,535: the caller's max_count (of the stored
+    values) must not pick uint16."""
+    x = sp.csr_matrix((np.array([40_000.0, 40_000.0]), np.array([1, 1]), np.array([0, 2])), shape=(1, 3))
+    counts = to_device(x, max_count=40_000.0)
+    assert counts.data.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(counts.take(jnp.arange(1))), [[0, 80_000, 0]])

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import scipy.sparse as sp
 
-from .counts import CsrCounts, aligned_empty
+from .counts import CsrCounts, aligned_empty, narrow_dtypes
 
 DEFAULT_BLOCK_CELLS = 65_536
 
@@ -205,13 +205,6 @@ def read_block(
     return HostBlock(indptr, indices, data, lib, bidx, (group - first).astype(np.int32))
 
 
-def narrow_dtypes(counts: BackedCounts, max_count: float) -> tuple[type, type]:
-    """The device dtypes of :func:`scar_jax.counts.csr_to_device` for this matrix."""
-    index_dtype = np.uint16 if counts.shape[1] <= 2**16 else np.int32
-    data_dtype = np.uint16 if max_count <= np.iinfo(np.uint16).max else np.float32
-    return index_dtype, data_dtype
-
-
 def blocks_on_device(
     counts: BackedCounts,
     plan: BlockPlan,
@@ -258,7 +251,7 @@ def streamed_training(
     """
     from .train import EpochSums
 
-    dtypes = narrow_dtypes(counts, max_count)
+    dtypes = narrow_dtypes(counts.shape[1], max_count)
     train_plan = plan_blocks(counts.indptr, train_rows, block_cells, batch_size)
     val_plan = plan_blocks(counts.indptr, validation_rows, block_cells) if len(validation_rows) else None
 

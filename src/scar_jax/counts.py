@@ -109,19 +109,28 @@ def max_value(values: np.ndarray) -> float:
     )
 
 
-def csr_to_device(x: sp.csr_matrix, device: jax.Device | jax.sharding.Sharding | None = None) -> CsrCounts:
+def narrow_dtypes(n_genes: int, max_count: float) -> tuple[type, type]:
+    """Exact device dtypes of the column indices and counts: uint16 where they fit, else int32 / float32."""
+    index_dtype = np.uint16 if n_genes <= 2**16 else np.int32
+    data_dtype = np.uint16 if max_count <= np.iinfo(np.uint16).max else np.float32
+    return index_dtype, data_dtype
+
+
+def csr_to_device(
+    x: sp.csr_matrix, device: jax.Device | jax.sharding.Sharding | None = None, max_count: float | None = None
+) -> CsrCounts:
     """Move a canonical CSR matrix of counts to the device as :class:`CsrCounts`, in narrow exact dtypes.
 
     Column indices are stored as uint16 when there are at most 65,536 genes (else int32) and counts as
     uint16 when none exceeds 65,535 (else float32, exact for integers up to 2**24), so the device copy
     takes 4 bytes per non-zero on droplet data, half the host CSR (int32 indices + 4-byte values). The
     narrow copies are made in chunks into 64-byte aligned buffers (:func:`aligned_copy`): on the CPU
-    backend they become the device arrays without another copy. The input is not modified.
+    backend they become the device arrays without another copy. The input is not modified. ``max_count``
+    (the largest count, when the caller knows it) saves a pass over the values.
     """
     if x.nnz >= 2**31:
         raise ValueError(f"{x.nnz} non-zeros do not fit int32 offsets; use the padded format (EllCounts)")
-    index_dtype = np.uint16 if x.shape[1] <= 2**16 else np.int32
-    data_dtype = np.uint16 if max_value(x.data) <= np.iinfo(np.uint16).max else np.float32
+    index_dtype, data_dtype = narrow_dtypes(x.shape[1], max_value(x.data) if max_count is None else max_count)
     if x.nnz == 0:  # one never-read entry, so that the gathers have an array to index
         indices, data = np.zeros(1, index_dtype), np.zeros(1, data_dtype)
     else:
@@ -168,7 +177,9 @@ def csr_to_ell(x: sp.csr_matrix | sp.csr_array) -> tuple[np.ndarray, np.ndarray]
 
 
 def to_device(
-    x: np.ndarray | sp.spmatrix | sp.sparray, device: jax.Device | jax.sharding.Sharding | None = None
+    x: np.ndarray | sp.spmatrix | sp.sparray,
+    device: jax.Device | jax.sharding.Sharding | None = None,
+    max_count: float | None = None,
 ) -> DenseCounts | CsrCounts | EllCounts:
     """Move a host count matrix to the device: dense stays dense, sparse becomes :class:`CsrCounts`
     (:class:`EllCounts` from 2**31 non-zeros on). The input is not modified (a non-canonical matrix, with
@@ -178,8 +189,9 @@ def to_device(
         if not x.has_canonical_format:
             x = x.copy()
             x.sum_duplicates()
+            max_count = None  # summed duplicates can exceed the largest stored value
         if x.nnz < 2**31:
-            return csr_to_device(x, device)
+            return csr_to_device(x, device, max_count)
         cols, vals = csr_to_ell(x)
         return EllCounts(jax.device_put(cols, device), jax.device_put(vals, device), n_genes=x.shape[1])
     return DenseCounts(jax.device_put(np.asarray(x, np.float32), device))

@@ -268,7 +268,7 @@ class SCAR:
             resident, train_rows, validation_rows = None, train_idx, np.empty(len(val_idx))
         else:
             resident = _train.CellData(
-                to_device(cells.x, placement),
+                to_device(cells.x, placement, cells.max_count),
                 jax.device_put(cells.library, placement),
                 jax.device_put(cells.batch_index, placement),
             )

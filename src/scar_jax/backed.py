@@ -186,6 +186,11 @@ def read_block(
     block = counts[first:stop]
     if not block.has_canonical_format:
         block.sum_duplicates()
+        if data_dtype == np.uint16 and block.nnz and block.data.max() > np.iinfo(np.uint16).max:
+            raise ValueError(
+                "the counts on disk have duplicate entries whose sums exceed 65,535; rewrite the file with a "
+                "canonical CSR matrix (X.sum_duplicates())"
+            )
     n_rows, nnz = stop - first, block.nnz
     # filled straight into 64-byte aligned buffers: on the CPU backend they become the device arrays
     indptr = aligned_empty(plan.row_capacity + 1, np.int32)

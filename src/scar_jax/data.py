@@ -170,7 +170,7 @@ def validate_counts(x: np.ndarray | sp.spmatrix | BackedCounts, field: str) -> C
     """Counts must be finite, non-negative integers; every cell needs at least one count.
 
     One pass over row chunks (bounded temporaries; a matrix on disk is read once, the next chunk in the
-    background), which also returns the row sums and the largest count.
+    background), which also returns the row and column sums and the largest count.
     """
     dtype = x.dtype
     if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):

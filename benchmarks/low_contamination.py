@@ -17,7 +17,7 @@ or one estimated from matching empty droplets (``--ambient empty``). Rows:
 * ``oracle``: the split with the true noise ratio and profiles.
 
 ``--knob``: the removal/retention trade-off of ``expressed_prior_odds`` (the prior odds that a gene is
-expressed in a neighbourhood are multiplied by it; 1 is the default), one row per value on the same
+expressed in a neighbourhood are multiplied by it; 0.1 is the default), one row per value on the same
 fit, printed after the main table; ``--plot`` saves foreign counts removed against expressed-gene
 counts kept over the knob, with the reference and the oracle as points.
 
@@ -150,7 +150,7 @@ def main() -> None:
                 flush=True,
             )
     if args.knob:
-        print("\nremoval vs retention over expressed_prior_odds (calibrated; 1 = default)")
+        print("\nremoval vs retention over expressed_prior_odds (calibrated; 0.1 = default)")
         header = f"{'seed':>4} {'odds':>8} {'expr kept':>10} {'native kept':>12} {'foreign rm':>11} {'ambient rm':>11}"
         print(header)
         print("-" * len(header))

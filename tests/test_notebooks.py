@@ -147,7 +147,7 @@ def test_low_contamination_notebook_calibrates_and_traces_the_knob(tmp_path):
     result = final_result(nb)
     assert result["model_ratio"] > 5, result  # the reference over-estimates (measured 51x at this size)
     assert 1 / 1.5 <= result["calibrated_ratio"] <= 1.5 and result["calibrated_pearson"] >= 0.5, result
-    assert result["default_kept"] >= 0.995 and result["default_removed"] >= 0.9, result  # measured 0.9961 / 0.969
+    assert result["default_kept"] >= 0.995 and result["default_removed"] >= 0.9, result  # measured 0.9960 / 0.991
     assert result["split_kept"] < 0.9, result  # measured 0.596
     # the knob trades removal for retention monotonically
     assert all(a <= b + 1e-9 for a, b in zip(result["kept"], result["kept"][1:], strict=False)), result

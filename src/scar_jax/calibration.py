@@ -153,6 +153,11 @@ def neighbourhood_posterior(
 
 
 START_NOISE_RATIO = 0.01  # where calibrate_model starts the iteration (the lowest self-consistent point is wanted)
+# The removal/retention knob's default for users (calibrate_model, SCAR.get_denoised_counts): at 0.1, on the
+# simulated mixtures (seed 0) 99.60% / 99.58% of expressed-gene counts are kept and 99.1% / 91.1% of the foreign
+# counts removed at 120 x 1,500 / 300 x 20,000 (at 1: 99.61% / 99.64% kept, 96.9% / 77.9% removed); CITE-seq
+# isotypes 91.3% removed (1: 88.3%) with the other ADTs' retention unchanged; PBMC unchanged to 0.1 point.
+DEFAULT_EXPRESSED_PRIOR_ODDS = 0.1
 
 
 def calibrated_native_share(
@@ -235,7 +240,7 @@ def calibrate_model(
     n_neighbours: int = 50,
     n_iter: int = 50,
     alpha: float = 1.0,
-    expressed_prior_odds: float = 1.0,
+    expressed_prior_odds: float = DEFAULT_EXPRESSED_PRIOR_ODDS,
     batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`calibrated_native_share` for a trained :class:`scar_jax.SCAR` with one ambient profile.
@@ -246,7 +251,8 @@ def calibrate_model(
     :func:`calibrated_native_share`). Returns the calibrated noise ratio ``(n,)`` and the
     native share ``(n, G)``; ``numpy.random.default_rng(seed).binomial(x, share)`` is the
     count-preserving split, ``x * share`` its mean. ``expressed_prior_odds``: the removal/retention
-    knob of :func:`calibrated_native_share`.
+    knob of :func:`calibrated_native_share` (default ``DEFAULT_EXPRESSED_PRIOR_ODDS`` = 0.1, measured
+    better than the derived posterior's 1: see the constant).
     """
     adata = model.adata if adata is None else adata
     profile = np.asarray(model.ambient_profile, np.float64)

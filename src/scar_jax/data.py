@@ -38,15 +38,6 @@ def row_chunks(x: np.ndarray | sp.spmatrix) -> list[slice]:
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
-def column_sums(x: np.ndarray | sp.spmatrix | BackedCounts) -> np.ndarray:
-    """``x.sum(axis=0)`` as float64 ``(n_genes,)``, accumulated over row chunks (SciPy would upcast a whole
-    integer matrix; a matrix on disk is read chunk by chunk, the next one in the background)."""
-    total = np.zeros(x.shape[1], np.float64)
-    for block in prefetch(x[rows] for rows in row_chunks(x)):
-        total += np.asarray(block.sum(axis=0), np.float64).ravel()
-    return total
-
-
 @dataclasses.dataclass(frozen=True)
 class AnnDataSpec:
     """Where the model finds its data in an AnnData (the ``setup_anndata`` arguments)."""
@@ -226,7 +217,7 @@ def read_cells(adata: anndata.AnnData, spec: AnnDataSpec, gene_likelihood: str) 
         library = np.asarray(adata.obs[spec.size_factor_key], dtype=np.float64).reshape(-1, 1)
         if not (np.isfinite(library).all() and (library > 0).all()):
             raise ValueError(f"adata.obs[{spec.size_factor_key!r}] (size_factor_key) must be positive and finite")
-    return HostCells(x, library.astype(np.float32), batch_index(adata, spec), summary.max_count)
+    return HostCells(x, library.astype(np.float32), batch_index(adata, spec), summary.max_count, summary.column_sums)
 
 
 def batch_index(adata: anndata.AnnData, spec: AnnDataSpec) -> np.ndarray:
@@ -243,7 +234,7 @@ def batch_index(adata: anndata.AnnData, spec: AnnDataSpec) -> np.ndarray:
 
 
 def resolve_ambient_profile(
-    adata: anndata.AnnData, ambient_profile: Any, spec: AnnDataSpec, x: np.ndarray | sp.spmatrix
+    adata: anndata.AnnData, ambient_profile: Any, spec: AnnDataSpec, gene_totals: np.ndarray
 ) -> np.ndarray:
     """The ambient profile argument of ``SCAR`` as a ``(n_profiles, n_genes)`` float32 matrix.
 
@@ -251,10 +242,10 @@ def resolve_ambient_profile(
     (or ``adata.var``). An array ``(n_genes,)``, ``(n_genes, 1)`` or ``(n_genes, n_batches)`` (one column
     per batch category), or a DataFrame indexed by gene names (matched by name). Each profile must be
     finite, non-negative and not all zero; one that does not sum to 1 (within 1e-3) is normalised
-    with a warning.
+    with a warning. ``gene_totals`` ``(n_genes,)``: the cells' counts per gene (``HostCells.gene_totals``).
     """
     if ambient_profile is None:
-        profile = column_sums(x).reshape(-1, 1)
+        profile = np.asarray(gene_totals, np.float64).reshape(-1, 1)
         source = "the mean profile of the cells"
     elif isinstance(ambient_profile, str):
         source = f"ambient_profile={ambient_profile!r}"

@@ -111,7 +111,7 @@ class SCAR:
         self.adata = adata
         self.var_names = np.asarray(adata.var_names).astype(str)
         cells = self._read_cells(adata)
-        self.ambient_profile = _data.resolve_ambient_profile(adata, ambient_profile, self.spec, cells.x)
+        self.ambient_profile = _data.resolve_ambient_profile(adata, ambient_profile, self.spec, cells.gene_totals)
         self.seed = int(seed)
         root = jax.random.key(self.seed)
         init_key, self._train_key, self._predict_key = jax.random.split(root, 3)

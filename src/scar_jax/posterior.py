@@ -39,6 +39,7 @@ class HostCells(NamedTuple):
     library: np.ndarray
     batch_index: np.ndarray
     max_count: float = float("inf")  # the largest count, when known (it picks the device dtype of streamed data)
+    gene_totals: np.ndarray | None = None  # (n_genes,) counts per gene, when known (the default ambient profile)
 
 
 def fold_in_each(cell_keys: jax.Array, data: int | jax.Array) -> jax.Array:

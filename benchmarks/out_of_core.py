@@ -13,7 +13,8 @@ Steps (each printed with its wall time):
 2. in a child process whose address space is capped with ``resource.setrlimit(RLIMIT_AS, cap)`` (an
    enforced limit: any allocation beyond it fails; it counts virtual memory, so it is stricter than a cap
    on resident memory): ``scar_jax.backed.read_backed``, ``SCAR.setup_anndata`` (one validating pass),
-   ``SCAR(...)`` (the ambient profile: a second pass), ``train(max_epochs=--epochs)`` streamed in blocks
+   ``SCAR(...)`` (another validating pass, which also gives the default ambient profile),
+   ``train(max_epochs=--epochs)`` streamed in blocks
    of ``--block-cells``, and ``write_denoised_counts`` to ``--dir``/denoised.h5ad block by block (the
    child runs with ``MALLOC_ARENA_MAX=2``: every glibc arena reserves address space the cap counts);
 3. the parent checks the output (shape, and denoised <= raw on the first 1,000 cells) and prints a table:

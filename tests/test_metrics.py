@@ -43,6 +43,9 @@ def expected_metrics() -> dict[str, float]:
 
 def test_denoising_metrics_hand_values():
     got = denoising_metrics(RAW, DENOISED, NATIVE)
+    # per-cell Pearson r: cell 0 [2, 1, 1] vs [2, 0, 1]: 1 / sqrt(6/9 * 2) = sqrt(3) / 2;
+    # cell 1 [0, 3, 0] vs [1, 3, 0]: 5 / sqrt(6 * 42/9) = 5 / sqrt(28)
+    assert got.pop("cell_correlation") == pytest.approx((np.sqrt(3) / 2 + 5 / np.sqrt(28)) / 2, rel=1e-12)
     assert got == expected_metrics()  # exact: the same float64 operations on small integers
     assert all(type(v) is float for v in got.values())
 
@@ -54,6 +57,7 @@ def test_denoising_metrics_perfect_and_identity():
     assert perfect["ambient_removed"] == 1.0
     assert perfect["native_retained"] == 1.0
     assert perfect["above_raw"] == 0.0
+    assert perfect["cell_correlation"] == pytest.approx(1.0, rel=1e-12)
     nothing = denoising_metrics(RAW, RAW, NATIVE)  # doing nothing
     assert nothing["l1_improvement"] == 0.0
     assert nothing["ambient_removed"] == 0.0

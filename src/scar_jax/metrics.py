@@ -35,6 +35,9 @@ def denoising_metrics(
         fraction of entries where ``denoised > raw`` (counts that were never observed).
     ``new_nonzeros``
         fraction of entries where ``raw == 0`` but ``denoised > 0``.
+    ``cell_correlation``
+        mean over cells of the Pearson correlation, over genes, of the denoised with the native counts
+        (cells where either row is constant are left out).
     """
     raw, denoised, native = _dense(raw), _dense(denoised), _dense(native)
     if not raw.shape == denoised.shape == native.shape:
@@ -52,7 +55,17 @@ def denoising_metrics(
         "native_retained": float(np.minimum(denoised, native).sum() / native.sum()),
         "above_raw": float((denoised > raw).mean()),
         "new_nonzeros": float(((raw == 0) & (denoised > 0)).mean()),
+        "cell_correlation": _mean_row_correlation(denoised, native),
     }
+
+
+def _mean_row_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over rows of the Pearson correlation of ``a[i]`` with ``b[i]`` (constant rows left out)."""
+    a = np.asarray(a, np.float64) - np.asarray(a, np.float64).mean(1, keepdims=True)
+    b = np.asarray(b, np.float64) - np.asarray(b, np.float64).mean(1, keepdims=True)
+    norm = np.sqrt((a**2).sum(1) * (b**2).sum(1))
+    ok = norm > 0
+    return float(np.mean((a * b).sum(1)[ok] / norm[ok])) if ok.any() else float("nan")
 
 
 def pseudobulk_l1(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -184,3 +186,80 @@ def test_user_facing_knob_defaults_agree() -> None:
     assert DEFAULT_EXPRESSED_PRIOR_ODDS == 0.1
     for fn in (calibrate_model, SCAR.get_denoised_counts, SCAR._calibrated):
         assert inspect.signature(fn).parameters["expressed_prior_odds"].default == DEFAULT_EXPRESSED_PRIOR_ODDS
+
+
+def _dense_reference(x, nb, a, eps, n_iter=50, alpha=1.0, pi0=0.5, tol=1e-4, odds=1.0):
+    """The calibration loop on whole dense float64 arrays, as derived in the module docstring (the oracle)."""
+    x = np.asarray(x.toarray() if sp.issparse(x) else x, np.float64)
+    a = np.asarray(a, np.float64) / np.sum(a)
+    library, n = x.sum(1), x.shape[0]
+    eps = np.clip(np.asarray(eps, np.float64), 1e-6, 1 - 1e-6)
+    pooled = np.stack([x[nb[i]].sum(0) for i in range(n)])
+    pi, s, w = np.full(n, pi0), np.ones(n), np.ones_like(x)
+    for _ in range(n_iter):
+        T, B = ((1 - eps) * library)[nb].sum(1), (eps * library)[nb].sum(1)
+        q, theta = neighbourhood_posterior(pooled, T, B, a, pi, s, alpha)
+        native = (1 - eps[:, None]) * theta
+        total = native + eps[:, None] * a
+        q_share = odds * q / (odds * q + 1 - q)
+        w = q_share * np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
+        previous = eps
+        eps = np.clip(((1 - q) * x).sum(1) / (library * ((1 - q) * a).sum(1)), 1e-6, 1 - 1e-6)
+        pi, s = np.clip(q.mean(1), 1e-6, 1 - 1e-6), 1 / np.maximum((q * a).sum(1), 1e-12)
+        if np.max(np.abs(eps - previous) / previous) < tol:
+            break
+    return eps, w
+
+
+@pytest.mark.parametrize("chunk_entries", [1, 700, 1 << 20])
+def test_blocked_calibration_matches_dense_reference(chunk_entries) -> None:
+    """Blocks of cells (any size, down to one cell) give the whole-array computation; the share at the
+    observed entries (CSR, the counts' pattern) equals the full share there."""
+    a = simulate_species_mixture(n_cells=60, n_genes=400, seed=5)
+    nb = _oracle_neighbourhoods(a, 12)
+    profile = a.varm["true_ambient_profile"][:, 0]
+    start = np.full(a.n_obs, 0.02)
+    want_eps, want_w = _dense_reference(a.X, nb, profile, start, odds=0.1)
+    eps, w = calibrated_native_share(a.X, nb, profile, start, expressed_prior_odds=0.1, chunk_entries=chunk_entries)
+    np.testing.assert_allclose(eps, want_eps, rtol=1e-12)
+    np.testing.assert_allclose(w, want_w, rtol=1e-12, atol=1e-300)
+    eps_obs, w_obs = calibrated_native_share(
+        a.X, nb, profile, start, expressed_prior_odds=0.1, share_at="observed", chunk_entries=chunk_entries
+    )
+    x = sp.csr_matrix(a.X)
+    assert sp.isspmatrix_csr(w_obs) and w_obs.shape == a.shape
+    np.testing.assert_array_equal(w_obs.indptr, x.indptr)
+    np.testing.assert_array_equal(w_obs.indices, x.indices)
+    np.testing.assert_array_equal(eps_obs, eps)
+    rows = np.repeat(np.arange(a.n_obs), np.diff(x.indptr))
+    np.testing.assert_array_equal(w_obs.data, w[rows, x.indices])
+    dense_eps, dense_w = calibrated_native_share(a.X.toarray(), nb, profile, start, expressed_prior_odds=0.1)
+    np.testing.assert_allclose(dense_eps, want_eps, rtol=1e-12)
+    with pytest.raises(ValueError, match="share_at"):
+        calibrated_native_share(a.X, nb, profile, start, share_at="nonzero")
+
+
+def test_implausible_calibrated_noise_ratio_warns(monkeypatch) -> None:
+    """Neighbourhoods that mix cell types make 'everything ambient' self-consistent: the user is told."""
+    import anndata
+
+    from scar_jax import SCAR, calibration
+
+    rng = np.random.default_rng(0)
+    adata = anndata.AnnData(sp.csr_matrix(rng.poisson(2.0, (40, 30)).astype(np.float32)))
+    SCAR.setup_anndata(adata)
+    model = SCAR(adata, n_hidden=8, n_latent=2)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    fitted = {}
+
+    def fake(x, neighbours, *args, **kwargs):
+        fitted["eps"] = np.full(x.shape[0], fitted.get("value", 0.9))
+        return fitted["eps"], np.ones(x.shape)
+
+    monkeypatch.setattr(calibration, "calibrated_native_share", fake)
+    with pytest.warns(UserWarning, match="calibrated mean noise ratio is 0.90.*train longer"):
+        calibration.calibrate_model(model, n_neighbours=5)
+    fitted["value"] = 0.2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibration.calibrate_model(model, n_neighbours=5)  # a plausible value: silent

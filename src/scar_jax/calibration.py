@@ -68,6 +68,9 @@ Everything is elementwise given the pooled counts, so chunks of cells can be pro
 
 from __future__ import annotations
 
+import warnings
+from typing import Literal
+
 import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln
@@ -96,11 +99,22 @@ def knn_indices(latent: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
 
 def pool_counts(x: np.ndarray | sp.spmatrix, neighbours: np.ndarray) -> np.ndarray:
     """``X_ig = sum_{j in J(i)} x_jg`` for the rows of ``neighbours`` ``(m, k)``, dense float64 ``(m, G)``."""
+    pooled = _pool(x, neighbours)
+    return np.asarray(pooled.toarray() if sp.issparse(pooled) else pooled, dtype=np.float64)
+
+
+def _pool(x: np.ndarray | sp.spmatrix, neighbours: np.ndarray) -> np.ndarray | sp.csr_matrix:
+    """Pooled counts as :func:`pool_counts`, CSR float64 when ``x`` is sparse (no dense ``(m, G)`` array)."""
     m, k = neighbours.shape
     n = x.shape[0]
     indicator = sp.csr_matrix((np.ones(m * k), (np.repeat(np.arange(m), k), neighbours.ravel())), shape=(m, n))
-    pooled = indicator @ (x if sp.issparse(x) else np.asarray(x))
-    return np.asarray(pooled.toarray() if sp.issparse(pooled) else pooled, dtype=np.float64)
+    if sp.issparse(x):
+        return sp.csr_matrix(indicator @ sp.csr_matrix(x, dtype=np.float64))
+    return np.asarray(indicator @ np.asarray(x, dtype=np.float64), dtype=np.float64)
+
+
+def _dense(a: np.ndarray | sp.csr_matrix, rows: slice) -> np.ndarray:
+    return a[rows].toarray() if sp.issparse(a) else np.asarray(a[rows])
 
 
 def neighbourhood_posterior(
@@ -152,6 +166,10 @@ def neighbourhood_posterior(
     return q, theta
 
 
+CHUNK_ENTRIES = 1 << 20  # cells x genes per block of the posterior (dense float64 temporaries of 8 MB each)
+# calibrate_model warns above this mean noise ratio: measured on PBMC, a model trained 5 epochs (latent
+# neighbourhoods that mix cell types) gives 0.91, a trained one 0.07 (soup-implied at most 0.058)
+IMPLAUSIBLE_NOISE_RATIO = 0.5
 START_NOISE_RATIO = 0.01  # where calibrate_model starts the iteration (the lowest self-consistent point is wanted)
 # The removal/retention knob's default for users (calibrate_model, SCAR.get_denoised_counts): at 0.1, on the
 # simulated mixtures (seed 0) 99.60% / 99.58% of expressed-gene counts are kept and 99.1% / 91.1% of the foreign
@@ -170,7 +188,10 @@ def calibrated_native_share(
     pi0: float = 0.5,
     tol: float = 1e-4,
     expressed_prior_odds: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray]:
+    *,
+    share_at: Literal["all", "observed"] = "all",
+    chunk_entries: int = CHUNK_ENTRIES,
+) -> tuple[np.ndarray, np.ndarray | sp.csr_matrix]:
     """Calibrated noise ratio ``(n,)`` and native share ``w`` ``(n, G)`` of every cell (module docstring).
 
     Parameters
@@ -202,35 +223,67 @@ def calibrated_native_share(
         contamination is removed; ``c < 1`` the reverse. ``w`` is non-decreasing in ``c`` entry by
         entry. The knob enters only the final share, not the fit: the noise ratio, ``pi`` and ``s``
         are those of ``c = 1`` whatever ``c``.
+    share_at
+        ``"all"``: ``w`` dense ``(n, G)``. ``"observed"``, for sparse ``x``: ``w`` only where ``x`` stores
+        an entry, as a CSR matrix with the pattern of ``x`` (duplicates summed, indices sorted), which
+        is all a count-preserving split needs; the memory is then that of the sparse matrices.
+    chunk_entries
+        The posterior is evaluated over blocks of about ``chunk_entries`` cells x genes (dense float64
+        temporaries of that size), so the memory beyond ``x``, its pooled counts and the result does
+        not grow with the number of cells. The result does not depend on it.
     """
     odds = float(expressed_prior_odds)
     if not np.isfinite(odds) or odds <= 0:
         raise ValueError(f"expressed_prior_odds must be a positive number, got {expressed_prior_odds!r}")
-    xd = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+    if share_at not in ("all", "observed"):
+        raise ValueError(f"share_at must be 'all' or 'observed', got {share_at!r}")
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float64, copy=True)
+        x.sum_duplicates()  # canonical: the pattern of the "observed" share
+    else:
+        x = np.asarray(x, dtype=np.float64)
+    n, n_genes = x.shape
     a = np.asarray(ambient, np.float64).ravel()
     a = a / a.sum()
-    library = xd.sum(1)
+    library = np.asarray(x.sum(1), np.float64).ravel()
     eps = np.clip(np.asarray(noise_ratio, np.float64).ravel(), 1e-6, 1 - 1e-6)
-    pooled = pool_counts(xd, neighbours)
-    n = xd.shape[0]
+    pooled = _pool(x, neighbours)
+    observed = share_at == "observed" and sp.issparse(x)
+    w = np.ones(x.nnz) if observed else np.ones((n, n_genes))
     pi = np.full(n, float(pi0))
     s = np.ones(n)
-    w = np.ones_like(xd)
+    step = max(1, int(chunk_entries) // max(n_genes, 1))
+    blocks = [slice(start, min(start + step, n)) for start in range(0, n, step)]
     for _ in range(int(n_iter)):
         T = ((1.0 - eps) * library)[neighbours].sum(1)
         B = (eps * library)[neighbours].sum(1)
-        q, theta = neighbourhood_posterior(pooled, T, B, a, pi, s, alpha)
-        native = (1.0 - eps[:, None]) * theta
-        total = native + eps[:, None] * a[None, :]
-        q_share = q if odds == 1.0 else odds * q / (odds * q + (1.0 - q))  # 1 - q first: exact
-        w = q_share * np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
-        off, previous = 1.0 - q, eps
-        eps = (off * xd).sum(1) / np.maximum(library * (off * a[None, :]).sum(1), _TINY)
-        eps = np.clip(eps, 1e-6, 1 - 1e-6)
-        pi = np.clip(q.mean(1), 1e-6, 1 - 1e-6)
-        s = 1.0 / np.maximum((q * a[None, :]).sum(1), 1e-12)
+        off_counts, off_ambient, q_mean, q_ambient = (np.empty(n) for _ in range(4))
+        for rows in blocks:
+            q, theta = neighbourhood_posterior(_dense(pooled, rows), T[rows], B[rows], a, pi[rows], s[rows], alpha)
+            e = eps[rows, None]
+            native = (1.0 - e) * theta
+            total = native + e * a[None, :]
+            q_share = q if odds == 1.0 else odds * q / (odds * q + (1.0 - q))  # 1 - q first: exact
+            share = q_share * np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
+            if observed:
+                span = slice(x.indptr[rows.start], x.indptr[rows.stop])
+                local = np.repeat(np.arange(rows.stop - rows.start), np.diff(x.indptr[rows.start : rows.stop + 1]))
+                w[span] = share[local, x.indices[span]]
+            else:
+                w[rows] = share
+            off = 1.0 - q
+            off_counts[rows] = (off * _dense(x, rows)).sum(1)
+            off_ambient[rows] = (off * a[None, :]).sum(1)
+            q_mean[rows] = q.mean(1)
+            q_ambient[rows] = (q * a[None, :]).sum(1)
+        previous = eps
+        eps = np.clip(off_counts / np.maximum(library * off_ambient, _TINY), 1e-6, 1 - 1e-6)
+        pi = np.clip(q_mean, 1e-6, 1 - 1e-6)
+        s = 1.0 / np.maximum(q_ambient, 1e-12)
         if np.max(np.abs(eps - previous) / previous) < tol:
             break
+    if observed:
+        return eps, sp.csr_matrix((w, x.indices.copy(), x.indptr.copy()), shape=x.shape)
     return eps, w
 
 
@@ -242,7 +295,8 @@ def calibrate_model(
     alpha: float = 1.0,
     expressed_prior_odds: float = DEFAULT_EXPRESSED_PRIOR_ODDS,
     batch_size: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    share_at: Literal["all", "observed"] = "all",
+) -> tuple[np.ndarray, np.ndarray | sp.csr_matrix]:
     """:func:`calibrated_native_share` for a trained :class:`scar_jax.SCAR` with one ambient profile.
 
     Neighbourhoods are the ``n_neighbours`` nearest cells in the latent representation; the noise
@@ -252,7 +306,8 @@ def calibrate_model(
     native share ``(n, G)``; ``numpy.random.default_rng(seed).binomial(x, share)`` is the
     count-preserving split, ``x * share`` its mean. ``expressed_prior_odds``: the removal/retention
     knob of :func:`calibrated_native_share` (default ``DEFAULT_EXPRESSED_PRIOR_ODDS`` = 0.1, measured
-    better than the derived posterior's 1: see the constant).
+    better than the derived posterior's 1: see the constant). ``share_at="observed"``: the share only
+    at the stored entries of sparse counts, as CSR (what :meth:`SCAR.get_denoised_counts` uses).
     """
     adata = model.adata if adata is None else adata
     profile = np.asarray(model.ambient_profile, np.float64)
@@ -267,7 +322,7 @@ def calibrate_model(
     layer = model.spec.layer
     x = adata.X if layer is None else adata.layers[layer]
     neighbours = knn_indices(model.get_latent_representation(adata, batch_size=batch_size), n_neighbours)
-    return calibrated_native_share(
+    eps, share = calibrated_native_share(
         x,
         neighbours,
         profile[0],
@@ -275,4 +330,15 @@ def calibrate_model(
         n_iter,
         alpha,
         expressed_prior_odds=expressed_prior_odds,
+        share_at=share_at,
     )
+    if float(np.mean(eps)) > IMPLAUSIBLE_NOISE_RATIO:
+        warnings.warn(
+            f"the calibrated mean noise ratio is {np.mean(eps):.2f}: most counts are called ambient. This "
+            f"happens when the latent neighbourhoods do not separate cell types (their pooled profile is then "
+            f"the ambient profile itself), e.g. after too few epochs: train longer (the default max_epochs), "
+            f"check the ambient profile, or use method='split'",
+            UserWarning,
+            stacklevel=2,
+        )
+    return eps, share

@@ -518,7 +518,12 @@ class SCAR:
         cells, rows = self._cells(adata, indices)
         n_neighbours = _positive_int(n_neighbours, "n_neighbours")
         eps, share = calibrate_model(
-            self, adata, n_neighbours=n_neighbours, expressed_prior_odds=expressed_prior_odds, batch_size=batch_size
+            self,
+            adata,
+            n_neighbours=n_neighbours,
+            expressed_prior_odds=expressed_prior_odds,
+            batch_size=batch_size,
+            share_at="observed",
         )
         return eps[rows], share[rows], cells, rows
 
@@ -561,8 +566,10 @@ class SCAR:
             contamination, 120 cells x 1,500 genes) it keeps >= 99.5% of the counts of expressed genes and
             removes >= 90% of the contamination (87-91% at 300 x 20,000, README).
             Needs a single ambient profile (``ValueError`` with per-batch
-            profiles); ``n_samples`` is not used (one seeded draw); memory is a few dense
-            ``(n_cells, n_genes)`` float64 arrays.
+            profiles); ``n_samples`` is not used (one seeded draw); for sparse counts the memory is
+            that of sparse matrices (the counts, their neighbourhood sums and the shares at the
+            observed entries) plus blocks of about 1M dense entries, for dense counts a few dense
+            ``(n_cells, n_genes)`` arrays.
         n_neighbours
             ``"calibrated"`` only: the neighbourhood size (default 50; 30 is enough for ~100 cells).
         expressed_prior_odds
@@ -588,10 +595,16 @@ class SCAR:
             x = cells.x[rows]
             rng = np.random.default_rng(seed)
             if sp.issparse(x):
-                x = sp.csr_matrix(x)
+                x = sp.csr_matrix(x, copy=True)
                 x.sum_duplicates()
-                row_of = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
-                data = rng.binomial(np.rint(x.data).astype(np.int64), share[row_of, x.indices]).astype(np.float32)
+                # the share is CSR with the pattern of the canonical counts (calibrated_native_share)
+                same = sp.issparse(share) and np.array_equal(share.indptr, x.indptr)
+                if same and np.array_equal(share.indices, x.indices):
+                    at_counts = share.data
+                else:  # another layout of the same counts: look the shares up
+                    row_of = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+                    at_counts = np.asarray(share[row_of, x.indices]).ravel()
+                data = rng.binomial(np.rint(x.data).astype(np.int64), at_counts).astype(np.float32)
                 out = sp.csr_matrix((data, x.indices.copy(), x.indptr.copy()), shape=x.shape)
                 out.eliminate_zeros()
                 return out if return_sparse is None or return_sparse else out.toarray()

@@ -63,7 +63,19 @@ update of the split, ``eps_i = sum_g x_ig (1 - w_ig) / N_i``, was tried first: i
 along that flat direction very slowly (6.5% -> 4.6% in 5 rounds for a truth of 0.78%). The
 loop starts from the model's noise ratio and runs until the noise ratios stop changing.
 
-Everything is elementwise given the pooled counts, so chunks of cells can be processed independently.
+Everything is elementwise given the pooled counts, so blocks of cells are processed independently
+(:func:`calibrated_native_share` evaluates the posterior block by block; for sparse counts only sparse
+matrices are held whole).
+
+One ambient profile per batch
+-----------------------------
+With profiles ``a_b`` and cell ``j`` in batch ``b(j)``, cell ``j``'s ambient counts follow ``a_{b(j)}``, so a
+neighbourhood's expected ambient counts are ``bg_ig = sum_{j in J(i)} eps_j N_j a_{b(j) g}`` (replacing
+``B_i a_g`` in ``L_off``, in ``mu`` and in ``theta``), and the slab, the share and the noise ratio of
+cell ``i`` use its own batch's profile: ``mu_ig = T_i s_i a_{b(i) g} + bg_ig``,
+``w_ig = q_ig (1 - eps_i) theta_ig / ((1 - eps_i) theta_ig + eps_i a_{b(i) g})``,
+``eps_i = sum_g (1 - q_ig) x_ig / (N_i sum_g (1 - q_ig) a_{b(i) g})``, ``s_i = 1 / sum_g q_ig a_{b(i) g}``.
+With one batch these are the formulas above.
 """
 
 from __future__ import annotations
@@ -125,6 +137,8 @@ def neighbourhood_posterior(
     pi: np.ndarray,
     s: np.ndarray,
     alpha: float = 1.0,
+    *,
+    background: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Posterior probability that each gene is on, ``q``, and the native frequency ``theta`` given on.
 
@@ -135,11 +149,15 @@ def neighbourhood_posterior(
     native_library, ambient_library
         ``T`` and ``B``, ``(m,)``.
     ambient
-        ``a``, ``(G,)``, sums to one.
+        ``a``, ``(G,)``, sums to one; or ``(m, G)``, the ambient profile of each row's cell (per-batch
+        profiles), which then scales the slab's mean ``T s a``.
     pi, s
         ``(m,)`` prior probability that a gene is on and the native-to-ambient frequency scale.
     alpha
         Gamma shape of the slab.
+    background
+        ``(m, G)`` expected ambient counts of each pooled neighbourhood, ``sum_j eps_j N_j a_{b(j)}`` with
+        per-batch profiles; default ``B a``.
 
     Returns
     -------
@@ -148,9 +166,14 @@ def neighbourhood_posterior(
     """
     X = np.asarray(pooled, dtype=np.float64)
     T, B = np.asarray(native_library, np.float64)[:, None], np.asarray(ambient_library, np.float64)[:, None]
-    a = np.asarray(ambient, np.float64)[None, :]
-    background = B * a
-    mu = (T * np.asarray(s, np.float64)[:, None] + B) * a
+    a = np.asarray(ambient, np.float64)
+    a = a[None, :] if a.ndim == 1 else a
+    if background is None:
+        background = B * a
+        mu = (T * np.asarray(s, np.float64)[:, None] + B) * a
+    else:
+        background = np.asarray(background, np.float64)
+        mu = T * np.asarray(s, np.float64)[:, None] * a + background
     log_on = (
         gammaln(X + alpha)
         - gammaln(alpha)
@@ -191,6 +214,7 @@ def calibrated_native_share(
     *,
     share_at: Literal["all", "observed"] = "all",
     chunk_entries: int = CHUNK_ENTRIES,
+    batch_index: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | sp.csr_matrix]:
     """Calibrated noise ratio ``(n,)`` and native share ``w`` ``(n, G)`` of every cell (module docstring).
 
@@ -201,7 +225,11 @@ def calibrated_native_share(
     neighbours
         ``(n, k)`` neighbourhood of each cell (e.g. :func:`knn_indices` on the SCAR latent), itself included.
     ambient
-        ``(G,)`` ambient profile.
+        ``(G,)`` ambient profile, or ``(n_batches, G)`` one per batch with ``batch_index``: cell ``j``'s
+        ambient counts then follow its own batch's profile, so a neighbourhood's expected ambient counts
+        are ``sum_j eps_j N_j a_{b(j)}``, and a cell's noise ratio and shares use ``a_{b(i)}``.
+    batch_index
+        ``(n,)`` batch of each cell (rows of ``ambient``); needed with more than one profile.
     noise_ratio
         ``(n,)`` starting noise ratio (e.g. the model's).
     n_iter, tol
@@ -243,8 +271,19 @@ def calibrated_native_share(
     else:
         x = np.asarray(x, dtype=np.float64)
     n, n_genes = x.shape
-    a = np.asarray(ambient, np.float64).ravel()
-    a = a / a.sum()
+    profiles = np.asarray(ambient, np.float64)
+    profiles = profiles.reshape(1, -1) if profiles.ndim == 1 else profiles
+    if profiles.ndim != 2 or profiles.shape[1] != n_genes:
+        raise ValueError(f"ambient must have shape (n_genes,) or (n_batches, n_genes), got {np.shape(ambient)}")
+    profiles = profiles / profiles.sum(1, keepdims=True)
+    n_batches = profiles.shape[0]
+    if n_batches > 1:
+        if batch_index is None:
+            raise ValueError(f"batch_index is needed with {n_batches} ambient profiles (one per batch)")
+        batch_index = np.asarray(batch_index).ravel()
+        if batch_index.shape != (n,) or batch_index.min() < 0 or batch_index.max() >= n_batches:
+            raise ValueError(f"batch_index must be (n_cells,) = ({n},) integers in [0, {n_batches})")
+    a = profiles[0]
     library = np.asarray(x.sum(1), np.float64).ravel()
     eps = np.clip(np.asarray(noise_ratio, np.float64).ravel(), 1e-6, 1 - 1e-6)
     pooled = _pool(x, neighbours)
@@ -257,12 +296,22 @@ def calibrated_native_share(
     for _ in range(int(n_iter)):
         T = ((1.0 - eps) * library)[neighbours].sum(1)
         B = (eps * library)[neighbours].sum(1)
+        if n_batches > 1:  # (n, n_batches): each neighbourhood's ambient counts by the batch they come from
+            by_batch = np.stack([(eps * library * (batch_index == b))[neighbours].sum(1) for b in range(n_batches)], 1)
         off_counts, off_ambient, q_mean, q_ambient = (np.empty(n) for _ in range(4))
         for rows in blocks:
-            q, theta = neighbourhood_posterior(_dense(pooled, rows), T[rows], B[rows], a, pi[rows], s[rows], alpha)
+            if n_batches > 1:
+                cell_a = profiles[batch_index[rows]]
+                q, theta = neighbourhood_posterior(
+                    _dense(pooled, rows), T[rows], B[rows], cell_a, pi[rows], s[rows], alpha,
+                    background=by_batch[rows] @ profiles,
+                )  # fmt: skip
+            else:
+                cell_a = a[None, :]
+                q, theta = neighbourhood_posterior(_dense(pooled, rows), T[rows], B[rows], a, pi[rows], s[rows], alpha)
             e = eps[rows, None]
             native = (1.0 - e) * theta
-            total = native + e * a[None, :]
+            total = native + e * cell_a
             q_share = q if odds == 1.0 else odds * q / (odds * q + (1.0 - q))  # 1 - q first: exact
             share = q_share * np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
             if observed:
@@ -273,9 +322,9 @@ def calibrated_native_share(
                 w[rows] = share
             off = 1.0 - q
             off_counts[rows] = (off * _dense(x, rows)).sum(1)
-            off_ambient[rows] = (off * a[None, :]).sum(1)
+            off_ambient[rows] = (off * cell_a).sum(1)
             q_mean[rows] = q.mean(1)
-            q_ambient[rows] = (q * a[None, :]).sum(1)
+            q_ambient[rows] = (q * cell_a).sum(1)
         previous = eps
         eps = np.clip(off_counts / np.maximum(library * off_ambient, _TINY), 1e-6, 1 - 1e-6)
         pi = np.clip(q_mean, 1e-6, 1 - 1e-6)
@@ -297,7 +346,7 @@ def calibrate_model(
     batch_size: int | None = None,
     share_at: Literal["all", "observed"] = "all",
 ) -> tuple[np.ndarray, np.ndarray | sp.csr_matrix]:
-    """:func:`calibrated_native_share` for a trained :class:`scar_jax.SCAR` with one ambient profile.
+    """:func:`calibrated_native_share` for a trained :class:`scar_jax.SCAR` (one ambient profile, or one per batch).
 
     Neighbourhoods are the ``n_neighbours`` nearest cells in the latent representation; the noise
     ratio starts at ``START_NOISE_RATIO`` (0.01) for every cell, not at the model's estimate, whose
@@ -310,27 +359,21 @@ def calibrate_model(
     at the stored entries of sparse counts, as CSR (what :meth:`SCAR.get_denoised_counts` uses).
     """
     adata = model.adata if adata is None else adata
-    profile = np.asarray(model.ambient_profile, np.float64)
-    if profile.shape[0] != 1:
-        raise ValueError(
-            f"the calibrated noise ratio and denoising support one ambient profile, and this model has "
-            f"{profile.shape[0]} (one per batch). Fit SCAR with a single ambient profile (an "
-            f"ambient_profile of shape (n_genes,), e.g. estimated from all batches' empty droplets "
-            f"together), calibrate each batch's cells with its own single-profile model, or use "
-            f"method='split'"
-        )
+    profile = np.asarray(model.ambient_profile, np.float64)  # (n_batches, G): one row per batch, or one
+    batch_index = model._cells(adata, None)[0].batch_index if profile.shape[0] > 1 else None
     layer = model.spec.layer
     x = adata.X if layer is None else adata.layers[layer]
     neighbours = knn_indices(model.get_latent_representation(adata, batch_size=batch_size), n_neighbours)
     eps, share = calibrated_native_share(
         x,
         neighbours,
-        profile[0],
+        profile if batch_index is not None else profile[0],
         np.full(adata.n_obs, START_NOISE_RATIO),
         n_iter,
         alpha,
         expressed_prior_odds=expressed_prior_odds,
         share_at=share_at,
+        batch_index=batch_index,
     )
     if float(np.mean(eps)) > IMPLAUSIBLE_NOISE_RATIO:
         warnings.warn(

@@ -493,7 +493,7 @@ class SCAR:
         from the genes that are not expressed in each cell's ``n_neighbours`` latent neighbourhood,
         computed over all cells of ``adata``, then subset by ``indices``). Use it at low contamination
         (a fraction of a percent to a few percent), where the model's own noise ratio is several times
-        too high; it needs a single ambient profile (``ValueError`` otherwise).
+        too high. With one ambient profile per batch each cell's ambient counts follow its batch's profile.
         """
         if calibrated:
             return self._calibrated(adata, indices, batch_size, n_neighbours)[0]
@@ -565,11 +565,11 @@ class SCAR:
             ``"split"`` removes real expression. On a simulated two-species mixture (0.2-2%
             contamination, 120 cells x 1,500 genes) it keeps >= 99.5% of the counts of expressed genes and
             removes >= 90% of the contamination (87-91% at 300 x 20,000, README).
-            Needs a single ambient profile (``ValueError`` with per-batch
-            profiles); ``n_samples`` is not used (one seeded draw); for sparse counts the memory is
-            that of sparse matrices (the counts, their neighbourhood sums and the shares at the
-            observed entries) plus blocks of about 1M dense entries, for dense counts a few dense
-            ``(n_cells, n_genes)`` arrays.
+            With one ambient profile per batch, each cell's ambient counts follow its own batch's
+            profile (a neighbourhood's expected ambient counts mix them). ``n_samples`` is not used
+            (one seeded draw). For sparse counts the memory is that of sparse matrices (the counts,
+            their neighbourhood sums and the shares at the observed entries) plus blocks of about 1M
+            dense entries; for dense counts a few dense ``(n_cells, n_genes)`` arrays.
         n_neighbours
             ``"calibrated"`` only: the neighbourhood size (default 50; 30 is enough for ~100 cells).
         expressed_prior_odds

@@ -364,19 +364,20 @@ class SCAR:
         adata = self.adata if adata is None else adata
         if adata is not self.adata:
             _data.check_genes(adata, self.var_names)
-        cells = self._read_cells(adata)
         if indices is None:
-            rows = np.arange(adata.n_obs)
-        else:
-            rows = np.asarray(indices)
-            if rows.dtype == bool:
-                rows = np.flatnonzero(rows)
-            if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
-                raise ValueError("indices must be a non-empty 1-d sequence of integer cell positions")
-            if rows.min() < -adata.n_obs or rows.max() >= adata.n_obs:
-                raise ValueError(f"indices out of range for {adata.n_obs} cells")
-            rows = rows % adata.n_obs
-        return cells, rows
+            return self._read_cells(adata), np.arange(adata.n_obs)
+        rows = np.asarray(indices)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
+            raise ValueError("indices must be a non-empty 1-d sequence of integer cell positions")
+        if rows.min() < -adata.n_obs or rows.max() >= adata.n_obs:
+            raise ValueError(f"indices out of range for {adata.n_obs} cells")
+        rows = rows % adata.n_obs
+        if isinstance(_data.get_counts(adata, self.spec), _backed.BackedCounts):
+            return self._read_cells(adata), rows  # validated once per file (cached)
+        # in memory: validate and sum only the selected cells (their results do not depend on the others)
+        return _data.read_cells(adata, self.spec, self.config.gene_likelihood, rows), rows
 
     def _map(self, fn, adata, indices, batch_size, seed: int = 0, sparse_output: bool = False) -> list:
         cells, rows = self._cells(adata, indices)

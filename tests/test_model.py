@@ -527,3 +527,24 @@ def test_aggregated_posterior_abundance_and_correlation(default_model):
     np.testing.assert_allclose(np.diag(corr.to_numpy())[np.diag(finite)], 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="sample_key"):
         model.differential_abundance(sample_key="nope")
+
+
+def test_inference_on_selected_cells_reads_only_those_cells():
+    """A call with ``indices`` gives the full call's rows and does not depend on (or validate) the other cells."""
+    adata, model = _small()
+    rows = np.array([7, 3, 150, 3])
+    full_latent = model.get_latent_representation(give_mean=False, seed=2)
+    subset_latent = model.get_latent_representation(indices=rows, give_mean=False, seed=2)
+    np.testing.assert_array_equal(subset_latent, full_latent[rows])
+    full_split = model.get_denoised_counts(seed=4).toarray()
+    np.testing.assert_array_equal(model.get_denoised_counts(indices=rows, seed=4).toarray(), full_split[rows])
+    other = adata.copy()
+    x = other.X.toarray().astype(np.float32)
+    x[10, 0] = np.nan  # a bad cell that is not selected
+    other.X = sp.csr_matrix(x)
+    mean_other = model.get_latent_representation(other, indices=rows)
+    np.testing.assert_array_equal(mean_other, model.get_latent_representation(indices=rows))
+    with pytest.raises(ValueError, match="adata.X contains NaN"):
+        model.get_latent_representation(other)  # the whole AnnData: every cell is validated
+    with pytest.raises(ValueError, match="adata.X contains NaN"):
+        model.get_latent_representation(other, indices=[10])

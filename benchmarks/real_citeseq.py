@@ -9,12 +9,14 @@ Usage::
 
     python benchmarks/real_citeseq.py                        # pooled profile, the settings of the tests
     python benchmarks/real_citeseq.py --per-lane             # + one model per lane with that lane's profile
+    python benchmarks/real_citeseq.py --lane-profiles        # + one model, batch_key="lane", a profile per lane
     python benchmarks/real_citeseq.py --odds 1 0.1 0.01 --epochs 200
 
-The calibrated denoising supports one ambient profile per model (it refuses per-batch profiles), so it is run
-two ways: **pooled** (default): one profile estimated from the empty droplets of all lanes together, one model
+Three ways: **pooled** (default): one profile estimated from the empty droplets of all lanes together, one model
 for all cells (no batch key); **per lane** (``--per-lane``): one model per lane, each with the profile of its own
-lane's empty droplets, calibrated lane by lane. Profiles: :meth:`SCAR.get_ambient_profile` with ``prob=0.01``
+lane's empty droplets, calibrated lane by lane; **lane profiles** (``--lane-profiles``): one model for all cells
+with ``batch_key="lane"`` and one profile per lane (the calibrated method then mixes the lanes' profiles in each
+neighbourhood). Profiles: :meth:`SCAR.get_ambient_profile` with ``prob=0.01``
 (see ``tests/test_ambient.py``). Training as in ``tests/test_ambient.py``: ``n_latent=10``, ``sparsity=1``,
 60 epochs, seed 0.
 
@@ -48,9 +50,12 @@ def load(path: Path = DATA) -> tuple[ad.AnnData, ad.AnnData]:
     return cells, adt
 
 
-def _fit(cells: ad.AnnData, raw: ad.AnnData, epochs: int, seed: int) -> tuple[SCAR, np.ndarray]:
-    SCAR.setup_anndata(cells)
-    profile = SCAR.get_ambient_profile(cells, raw, prob=0.01)[:, 0]
+def _fit(
+    cells: ad.AnnData, raw: ad.AnnData, epochs: int, seed: int, batch_key: str | None = None
+) -> tuple[SCAR, np.ndarray]:
+    """The model and its ambient profile(s), ``(n_features, n_profiles)``."""
+    SCAR.setup_anndata(cells, batch_key=batch_key)
+    profile = SCAR.get_ambient_profile(cells, raw, prob=0.01, batch_key=batch_key)
     model = SCAR(cells, ambient_profile="ambient_profile", n_latent=10, sparsity=1.0, seed=seed)
     model.train(max_epochs=epochs, enable_progress_bar=False)
     return model, profile
@@ -83,21 +88,24 @@ def run(
     n_neighbours: int = 50,
     path: Path = DATA,
 ) -> dict:
-    """Per method: the stats of :func:`stats` and the mean noise ratio; ``mode`` is ``"pooled"`` or ``"per-lane"``."""
+    """Per method: the stats of :func:`stats` and the mean noise ratio; ``mode``: ``"pooled"``, ``"per-lane"`` or
+    ``"lane-profiles"``."""
     cells, adt = load(path)
     isotype = cells.var["isotype_control"].to_numpy().astype(bool)
     t0 = time.perf_counter()
-    if mode == "pooled":
-        model, profile = _fit(cells, adt, epochs, seed)
-        parts = [(np.arange(cells.n_obs), _denoise(model, odds, n_neighbours), profile)]
+    lanes = cells.obs["lane"].astype(str).to_numpy()
+    if mode in ("pooled", "lane-profiles"):
+        batch_key = "lane" if mode == "lane-profiles" else None
+        model, profiles = _fit(cells, adt, epochs, seed, batch_key)
+        codes = np.searchsorted(np.unique(lanes), lanes) if batch_key else np.zeros(cells.n_obs, int)
+        parts = [(np.arange(cells.n_obs), _denoise(model, odds, n_neighbours), profiles[:, codes].T)]
     else:
-        lanes = cells.obs["lane"].astype(str).to_numpy()
         parts = []
         for lane in np.unique(lanes):
             rows = np.flatnonzero(lanes == lane)
             sub = cells[rows].copy()
             model, profile = _fit(sub, adt[adt.obs["lane"].astype(str) == lane].copy(), epochs, seed)
-            parts.append((rows, _denoise(model, odds, n_neighbours), profile))
+            parts.append((rows, _denoise(model, odds, n_neighbours), np.tile(profile[:, 0], (len(rows), 1))))
     elapsed = time.perf_counter() - t0
     order = np.concatenate([rows for rows, _, _ in parts])
     raw = cells.X[order]
@@ -106,10 +114,14 @@ def run(
         den = sp.vstack([d[name][0] for _, d, _ in parts]).tocsr()
         noise = np.concatenate([d[name][1] for _, d, _ in parts])
         result["methods"][name] = stats(raw, den, isotype) | {"noise_mean": float(noise.mean())}
-    implied = []
-    for rows, _, profile in parts:
-        x = cells.X[rows]
-        implied.append(x[:, isotype].sum() / (x.sum() * profile[isotype].sum()))
+    implied = []  # per cell profile rows (n_cells_part, n_features): pooled over the cells of each lane
+    for lane in np.unique(lanes):
+        for rows, _, cell_profiles in parts:
+            in_lane = lanes[rows] == lane
+            if in_lane.any():
+                x = cells.X[rows[in_lane]]
+                iso_share = cell_profiles[np.flatnonzero(in_lane)[0], isotype].sum()
+                implied.append(x[:, isotype].sum() / (x.sum() * iso_share))
     result["empty_implied"] = float(np.mean(implied))
     result["iso_share_cells"] = float(cells.X[:, isotype].sum() / cells.X.sum())
     return result
@@ -138,12 +150,13 @@ def main() -> None:
     parser.add_argument("--odds", type=float, nargs="+", default=[1.0, 0.1], help="expressed_prior_odds values")
     parser.add_argument("--neighbours", type=int, default=50)
     parser.add_argument("--per-lane", action="store_true", help="also one model per lane (its own profile)")
+    parser.add_argument("--lane-profiles", action="store_true", help="also one model with a profile per lane")
     parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"data not found: {args.data} (see shared/data/SOURCES.md)")
     print(f"87-ADT CITE-seq, n_latent 10, sparsity 1, {args.epochs} epochs, seed {args.seed}, prob=0.01 profiles")
-    modes = ["pooled", "per-lane"] if args.per_lane else ["pooled"]
+    modes = ["pooled"] + ["per-lane"] * args.per_lane + ["lane-profiles"] * args.lane_profiles
     for mode in modes:
         print_result(run(mode, tuple(args.odds), args.epochs, args.seed, args.neighbours, args.data))
 

@@ -61,7 +61,8 @@ genes that are off,
 ``eps`` because their native frequency is free, which is the non-identifiability above). The EM
 update of the split, ``eps_i = sum_g x_ig (1 - w_ig) / N_i``, was tried first: it moves
 along that flat direction very slowly (6.5% -> 4.6% in 5 rounds for a truth of 0.78%). The
-loop starts from the model's noise ratio and runs until the noise ratios stop changing.
+loop starts every cell at a low noise ratio (:func:`calibrate_model`: ``START_NOISE_RATIO`` = 0.01, not the
+model's over-estimate) and runs until the noise ratios stop changing.
 
 Everything is elementwise given the pooled counts, so blocks of cells are processed independently
 (:func:`calibrated_native_share` evaluates the posterior block by block; for sparse counts only sparse

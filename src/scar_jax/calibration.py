@@ -88,6 +88,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln
 
+from .data import batch_index as batch_codes
+
 __all__ = ["calibrate_model", "calibrated_native_share", "knn_indices", "neighbourhood_posterior", "pool_counts"]
 
 _TINY = 1e-300
@@ -301,15 +303,12 @@ def calibrated_native_share(
             by_batch = np.stack([(eps * library * (batch_index == b))[neighbours].sum(1) for b in range(n_batches)], 1)
         off_counts, off_ambient, q_mean, q_ambient = (np.empty(n) for _ in range(4))
         for rows in blocks:
-            if n_batches > 1:
-                cell_a = profiles[batch_index[rows]]
-                q, theta = neighbourhood_posterior(
-                    _dense(pooled, rows), T[rows], B[rows], cell_a, pi[rows], s[rows], alpha,
-                    background=by_batch[rows] @ profiles,
-                )  # fmt: skip
-            else:
-                cell_a = a[None, :]
-                q, theta = neighbourhood_posterior(_dense(pooled, rows), T[rows], B[rows], a, pi[rows], s[rows], alpha)
+            # each cell's own profile, and the neighbourhood's expected ambient counts (default: B a)
+            cell_a = profiles[batch_index[rows]] if n_batches > 1 else a[None, :]
+            background = by_batch[rows] @ profiles if n_batches > 1 else None
+            q, theta = neighbourhood_posterior(
+                _dense(pooled, rows), T[rows], B[rows], cell_a, pi[rows], s[rows], alpha, background=background
+            )
             e = eps[rows, None]
             native = (1.0 - e) * theta
             total = native + e * cell_a
@@ -361,7 +360,7 @@ def calibrate_model(
     """
     adata = model.adata if adata is None else adata
     profile = np.asarray(model.ambient_profile, np.float64)  # (n_batches, G): one row per batch, or one
-    batch_index = model._cells(adata, None)[0].batch_index if profile.shape[0] > 1 else None
+    batch_index = batch_codes(adata, model.spec) if profile.shape[0] > 1 else None  # checked against the setup
     layer = model.spec.layer
     x = adata.X if layer is None else adata.layers[layer]
     neighbours = knn_indices(model.get_latent_representation(adata, batch_size=batch_size), n_neighbours)

@@ -215,15 +215,14 @@ def read_cells(
     """
     x = get_counts(adata, spec)
     field = "adata.X" if spec.layer is None else f"adata.layers[{spec.layer!r}]"
-    if rows is not None:
+    if rows is None:
+        summary = validate_counts(x, field)
+        library, gene_totals = summary.row_sums.reshape(-1, 1), summary.column_sums
+    else:
         selected = np.unique(np.asarray(rows, np.int64))
         summary = validate_counts(x[selected], field)
-        library = np.full((adata.n_obs, 1), np.nan)
+        library, gene_totals = np.full((adata.n_obs, 1), np.nan), None
         library[selected, 0] = summary.row_sums
-        summary = CountSummary(library[:, 0], None, summary.max_count)
-    else:
-        summary = validate_counts(x, field)
-    library = summary.row_sums.reshape(-1, 1)
     if spec.size_factor_key is not None:
         if gene_likelihood == "b":
             raise ValueError(
@@ -234,7 +233,7 @@ def read_cells(
         library = np.asarray(adata.obs[spec.size_factor_key], dtype=np.float64).reshape(-1, 1)
         if not (np.isfinite(library).all() and (library > 0).all()):
             raise ValueError(f"adata.obs[{spec.size_factor_key!r}] (size_factor_key) must be positive and finite")
-    return HostCells(x, library.astype(np.float32), batch_index(adata, spec), summary.max_count, summary.column_sums)
+    return HostCells(x, library.astype(np.float32), batch_index(adata, spec), summary.max_count, gene_totals)
 
 
 def batch_index(adata: anndata.AnnData, spec: AnnDataSpec) -> np.ndarray:

@@ -565,7 +565,7 @@ class SCAR:
             several times too high and its sparse native frequencies zero out expressed genes, so
             ``"split"`` removes real expression. On a simulated two-species mixture (0.2-2%
             contamination, 120 cells x 1,500 genes) it keeps >= 99.5% of the counts of expressed genes and
-            removes >= 90% of the contamination (87-91% at 300 x 20,000, README).
+            removes >= 90% of the contamination (86.6-91.1% at 300 x 20,000 over seeds and machines, README).
             With one ambient profile per batch, each cell's ambient counts follow its own batch's
             profile (a neighbourhood's expected ambient counts mix them). ``n_samples`` is not used
             (one seeded draw). For sparse counts the memory is that of sparse matrices (the counts,

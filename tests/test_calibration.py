@@ -45,7 +45,7 @@ def test_neighbourhood_posterior_extremes() -> None:
 def test_knn_and_pooling() -> None:
     rng = np.random.default_rng(1)
     z = rng.normal(size=(60, 3))
-    nb = knn_indices(z, 5, chunk=7)
+    nb = knn_indices(z, 5, chunk=7, metric="euclidean")
     assert (nb[:, 0] == np.arange(60)).all()
     d = ((z[:, None] - z[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(nb[:, 1:], np.argsort(d, axis=1, kind="stable")[:, 1:5])
@@ -53,6 +53,23 @@ def test_knn_and_pooling() -> None:
     want = np.stack([x[nb[i]].sum(0) for i in range(60)])
     np.testing.assert_array_equal(pool_counts(x, nb), want)
     np.testing.assert_array_equal(pool_counts(sp.csr_matrix(x), nb), want)
+
+
+def test_knn_cosine_is_the_angle_and_ignores_length() -> None:
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(40, 4))
+    nb = knn_indices(z, 6, chunk=9)  # the default metric
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    angle = np.arccos(np.clip(unit @ unit.T, -1, 1))  # float64 oracle: the angle between the vectors
+    np.fill_diagonal(angle, -1.0)
+    np.testing.assert_array_equal(nb, np.argsort(angle, axis=1, kind="stable")[:, :6])
+    scaled = z * rng.uniform(0.1, 10.0, size=(40, 1))  # lengths change, directions do not
+    np.testing.assert_array_equal(knn_indices(scaled, 6), nb)
+    assert not np.array_equal(knn_indices(scaled, 6, metric="euclidean"), nb)
+    z[5] = 0.0  # a zero vector is allowed (it is at angle 90 degrees from every unit vector)
+    assert knn_indices(z, 6)[5, 0] == 5
+    with pytest.raises(ValueError, match="metric"):
+        knn_indices(z, 6, metric="manhattan")
 
 
 def test_calibration_on_species_mixture() -> None:

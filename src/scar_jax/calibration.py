@@ -95,9 +95,26 @@ __all__ = ["calibrate_model", "calibrated_native_share", "knn_indices", "neighbo
 _TINY = 1e-300
 
 
-def knn_indices(latent: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
-    """Indices of the ``k`` nearest cells (Euclidean, the cell itself first), ``(n, k)`` int64."""
+def knn_indices(
+    latent: np.ndarray, k: int, chunk: int = 2048, metric: Literal["cosine", "euclidean"] = "cosine"
+) -> np.ndarray:
+    """Indices of the ``k`` nearest cells (the cell itself first), ``(n, k)`` int64.
+
+    ``metric="cosine"`` (default): Euclidean distance between the latent vectors scaled to unit length,
+    i.e. the angle between them. In the SCAR latent space the direction separates cell types and the
+    length varies within a type (on the simulated two-species mixture, 300 x 20,000, seed 1: the
+    correlation of ``|z|`` with the noise ratio is -0.45 within the smaller species, whose cells furthest
+    from the origin then have up to 17 of their 50 Euclidean neighbours in the other species; with the
+    cosine metric no cell has a neighbour of the other species, and the calibrated split removes 91.5%
+    of the foreign counts instead of 86.6%, keeping 99.57% of the expressed genes' counts either way).
+    ``"euclidean"``: the plain distance. Cells whose latent vector is zero are left at zero.
+    """
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
     z = np.asarray(latent, dtype=np.float64)
+    if metric == "cosine":
+        length = np.linalg.norm(z, axis=1, keepdims=True)
+        z = z / np.where(length > 0, length, 1.0)
     n = z.shape[0]
     k = min(int(k), n)
     sq = (z**2).sum(1)
@@ -345,10 +362,12 @@ def calibrate_model(
     expressed_prior_odds: float = DEFAULT_EXPRESSED_PRIOR_ODDS,
     batch_size: int | None = None,
     share_at: Literal["all", "observed"] = "all",
+    metric: Literal["cosine", "euclidean"] = "cosine",
 ) -> tuple[np.ndarray, np.ndarray | sp.csr_matrix]:
     """:func:`calibrated_native_share` for a trained :class:`scar_jax.SCAR` (one ambient profile, or one per batch).
 
-    Neighbourhoods are the ``n_neighbours`` nearest cells in the latent representation; the noise
+    Neighbourhoods are the ``n_neighbours`` nearest cells in the latent representation (``metric``: see
+    :func:`knn_indices`; cosine by default, ``"euclidean"`` as in earlier versions); the noise
     ratio starts at ``START_NOISE_RATIO`` (0.01) for every cell, not at the model's estimate, whose
     over-estimate can lead the iteration to a spurious high fixed point (see
     :func:`calibrated_native_share`). Returns the calibrated noise ratio ``(n,)`` and the
@@ -358,12 +377,15 @@ def calibrate_model(
     better than the derived posterior's 1: see the constant). ``share_at="observed"``: the share only
     at the stored entries of sparse counts, as CSR (what :meth:`SCAR.get_denoised_counts` uses).
     """
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
     adata = model.adata if adata is None else adata
     profile = np.asarray(model.ambient_profile, np.float64)  # (n_batches, G): one row per batch, or one
     batch_index = batch_codes(adata, model.spec) if profile.shape[0] > 1 else None  # checked against the setup
     layer = model.spec.layer
     x = adata.X if layer is None else adata.layers[layer]
-    neighbours = knn_indices(model.get_latent_representation(adata, batch_size=batch_size), n_neighbours)
+    latent = model.get_latent_representation(adata, batch_size=batch_size)
+    neighbours = knn_indices(latent, n_neighbours, metric=metric)
     eps, share = calibrated_native_share(
         x,
         neighbours,

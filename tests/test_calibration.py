@@ -72,6 +72,22 @@ def test_knn_cosine_is_the_angle_and_ignores_length() -> None:
         knn_indices(z, 6, metric="manhattan")
 
 
+def test_knn_approximate_above_the_exact_limit() -> None:
+    """Above ``exact_max_cells`` the neighbours come from pynndescent: seeded, self first, nearly exact."""
+    rng = np.random.default_rng(4)
+    centres = rng.normal(scale=4.0, size=(3, 5))
+    z = centres[rng.integers(0, 3, 400)] + rng.normal(size=(400, 5))
+    z[7] = z[8]  # a duplicated vector: each copy must still come first in its own row
+    exact = knn_indices(z, 15)
+    approx = knn_indices(z, 15, exact_max_cells=100, seed=1)
+    assert approx.shape == (400, 15) and approx.dtype == np.int64
+    assert (approx[:, 0] == np.arange(400)).all()
+    assert all(len(set(row)) == 15 for row in approx)  # no repeats
+    recall = np.mean([len(set(a) & set(e)) / 15 for a, e in zip(approx, exact, strict=True)])
+    assert recall >= 0.95, recall  # measured 1.0
+    np.testing.assert_array_equal(knn_indices(z, 15, exact_max_cells=100, seed=1), approx)  # seeded
+
+
 def test_calibration_on_species_mixture() -> None:
     """Oracle neighbourhoods (same species): noise ratio calibrated, real expression kept, foreign removed."""
     a = simulate_species_mixture(n_cells=200, n_genes=3000, seed=2)

@@ -95,8 +95,18 @@ __all__ = ["calibrate_model", "calibrated_native_share", "knn_indices", "neighbo
 _TINY = 1e-300
 
 
+EXACT_KNN_MAX_CELLS = 50_000  # knn_indices: exact neighbours up to this many cells, approximate (pynndescent) above
+_KNN_DISTANCE_ENTRIES = 1 << 24  # exact neighbours: distances held per chunk of rows (128 MB of float64)
+
+
 def knn_indices(
-    latent: np.ndarray, k: int, chunk: int = 2048, metric: Literal["cosine", "euclidean"] = "cosine"
+    latent: np.ndarray,
+    k: int,
+    chunk: int = 2048,
+    metric: Literal["cosine", "euclidean"] = "cosine",
+    *,
+    exact_max_cells: int = EXACT_KNN_MAX_CELLS,
+    seed: int = 0,
 ) -> np.ndarray:
     """Indices of the ``k`` nearest cells (the cell itself first), ``(n, k)`` int64.
 
@@ -108,6 +118,12 @@ def knn_indices(
     cosine metric no cell has a neighbour of the other species, and the calibrated split removes 91.5%
     of the foreign counts instead of 86.6%, keeping 99.57% of the expressed genes' counts either way).
     ``"euclidean"``: the plain distance. Cells whose latent vector is zero are left at zero.
+
+    Up to ``exact_max_cells`` cells (default 50,000) the neighbours are exact, computed over chunks of
+    at most ``chunk`` rows and 2^24 distances; the cost grows as ``n^2`` (measured 84 s for 60,000 cells
+    on 2 cores). Above it they are approximate: nearest-neighbour descent (``pynndescent``, what
+    ``scanpy.pp.neighbors`` uses), seeded by ``seed`` so that the result is reproducible (measured on
+    60,000 random 15-dimensional vectors: 99.96% of the exact neighbours found, 4 s once compiled).
     """
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
@@ -117,6 +133,9 @@ def knn_indices(
         z = z / np.where(length > 0, length, 1.0)
     n = z.shape[0]
     k = min(int(k), n)
+    if n > int(exact_max_cells):
+        return _approximate_knn(z, k, seed)
+    chunk = max(1, min(int(chunk), _KNN_DISTANCE_ENTRIES // max(n, 1)))
     sq = (z**2).sum(1)
     out = np.empty((n, k), dtype=np.int64)
     for start in range(0, n, chunk):
@@ -127,6 +146,21 @@ def knn_indices(
         order = np.argsort(np.take_along_axis(d, part, 1), axis=1, kind="stable")
         out[rows] = np.take_along_axis(part, order, 1)
     return out
+
+
+def _approximate_knn(z: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """``k`` approximate Euclidean neighbours of the rows of ``z`` (pynndescent), the cell itself first."""
+    from pynndescent import NNDescent
+
+    n = z.shape[0]
+    index = NNDescent(z.astype(np.float32), metric="euclidean", n_neighbors=k, random_state=int(seed))
+    found = np.asarray(index.neighbor_graph[0], dtype=np.int64)
+    own = np.arange(n)
+    found = np.where(found < 0, own[:, None], found)  # a neighbour the search did not fill: the cell itself
+    for i in np.flatnonzero(found[:, 0] != own):  # duplicates of a vector can come before the cell itself
+        others = found[i][found[i] != i]
+        found[i] = np.r_[i, others[: k - 1], np.full(max(0, k - 1 - others.size), i)]
+    return found
 
 
 def pool_counts(x: np.ndarray | sp.spmatrix, neighbours: np.ndarray) -> np.ndarray:

@@ -111,7 +111,7 @@ def run(
     raw = adata.X
     denoise = {
         "raw": raw,
-        "scar-jax split": model.get_denoised_counts(seed=seed),
+        "scar-jax split": model.get_denoised_counts(seed=seed, method="split"),
         "scar-jax expected": model.get_denoised_counts(method="expected", seed=seed),
         "scar-jax calibrated": model.get_denoised_counts(method="calibrated", seed=seed),
         "scvi-tools": smodel.get_denoised_counts(batch_size=1024),

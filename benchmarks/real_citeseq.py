@@ -62,7 +62,7 @@ def _fit(
 
 
 def _denoise(model: SCAR, odds: tuple[float, ...], n_neighbours: int) -> dict[str, tuple[sp.csr_matrix, np.ndarray]]:
-    out = {"split": (sp.csr_matrix(model.get_denoised_counts()), model.get_noise_ratio())}
+    out = {"split": (sp.csr_matrix(model.get_denoised_counts(method="split")), model.get_noise_ratio())}
     noise = model.get_noise_ratio(calibrated=True, n_neighbours=n_neighbours)
     for c in odds:
         den = model.get_denoised_counts(method="calibrated", n_neighbours=n_neighbours, expressed_prior_odds=c)

@@ -147,7 +147,7 @@ def run(
     t0 = time.perf_counter()
     model.train(max_epochs=epochs, enable_progress_bar=False, plan_kwargs=plan)
     train_s = time.perf_counter() - t0
-    split = model.get_denoised_counts()
+    split = model.get_denoised_counts(method="split")
     expected = model.get_denoised_counts(method="expected")
     noise = model.get_noise_ratio()
     labels = adata.obs["Annotation"].astype(str).to_numpy()

@@ -18,7 +18,8 @@ Poisson counts; about 290 non-zeros per 1000 genes per cell at 2000 genes, like
   the same configuration then trains ``--epochs`` epochs reusing the compiled epoch (``s/epoch``,
   ``cells/s`` = training cells (90%) per second; the validation pass of every epoch is included);
   ``SCAR.train(devices=--devices, batch_size=--batch-size, train_size=0.9)``;
-* inference, scar-jax: ``get_denoised_counts()`` (the default count-preserving split, sparse result) and
+* inference, scar-jax: ``get_denoised_counts(method="split")`` (the count-preserving split that scales to
+  atlases, sparse result) and
   ``get_latent_representation()`` on all cells, each compiled first on 2048 cells (not timed);
 * with ``--scvi``: ``scvi.external.SCAR`` (in the interpreter ``--scvi-python``, default
   ``/work/venv-scvi/bin/python`` if it exists, else this one) on the same counts (the generator is
@@ -226,7 +227,7 @@ def child_jax(
     timed = None if n_infer == n_cells else np.arange(n_infer)
     warm = np.arange(min(n_cells, 2048))
     for name, call in (
-        ("denoised", lambda idx: model.get_denoised_counts(indices=idx)),
+        ("denoised", lambda idx: model.get_denoised_counts(indices=idx, method="split")),
         ("latent", lambda idx: model.get_latent_representation(indices=idx)),
     ):
         call(warm)  # compile

@@ -286,6 +286,7 @@ def test_denoise_writes_the_documented_h5ad(denoised, tenx, feature_type):
     np.testing.assert_allclose(profile.sum(axis=0), 1.0, rtol=1e-6)
     settings = out.uns["scar_jax"]
     assert settings["feature_type"] == feature_type and settings["epochs"] == DENOISE_EPOCHS
+    assert settings["method"] == ("calibrated" if feature_type == "mRNA" else "split")  # the default --method
     assert settings["sparsity"] == 1.0  # given for mRNA/ADT, forced for sgRNA (asked for 0.5)
     assigned = {"sgRNA", "n_sgRNA", "sgRNA_count"}
     if feature_type == "sgRNA":

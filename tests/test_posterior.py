@@ -316,17 +316,17 @@ def test_split_mean_is_the_observed_count_times_the_native_share(model, adata):
 
 def test_split_draws_are_binomial_subsets_of_the_observed_counts(model, adata):
     x = dense_x(adata)
-    got = model.get_denoised_counts(seed=0)
+    got = model.get_denoised_counts(seed=0, method="split")
     assert sp.isspmatrix_csr(got)  # sparse in, sparse out
     den = got.toarray()
     assert np.array_equal(den, np.round(den)) and den.min() >= 0
     assert (den <= x).all() and (den[x == 0] == 0).all()
-    assert np.array_equal(model.get_denoised_counts(seed=0, batch_size=7).toarray(), den)
+    assert np.array_equal(model.get_denoised_counts(seed=0, batch_size=7, method="split").toarray(), den)
     # unbiased: the total is within 5 sd of sum x w (binomial variance sum x w (1 - w))
     w = native_share(model, x, cell_keys(model, np.arange(N_CELLS), seed=0), draw=0)
     sd = np.sqrt((x * w * (1 - w)).sum())
     assert abs(den.sum() - (x * w).sum()) < 5 * sd
-    median = model.get_denoised_counts(n_samples=4, seed=0).toarray()
+    median = model.get_denoised_counts(n_samples=4, seed=0, method="split").toarray()
     assert (median <= x).all() and np.array_equal(median, np.round(median))
 
 
@@ -551,10 +551,10 @@ def test_binomial_split_on_the_host_is_per_cell_and_unbiased():
 def test_split_denoising_matches_the_device_shares(model, adata):
     """The model's split draws Binomial(x, w) with w from native_share_at_counts: its mean over many seeds
     approaches split_mean (x * w, the same z draw), and it does not depend on batch_size."""
-    a = model.get_denoised_counts(seed=3).toarray()
-    np.testing.assert_array_equal(a, model.get_denoised_counts(seed=3, batch_size=17).toarray())
+    a = model.get_denoised_counts(seed=3, method="split").toarray()
+    np.testing.assert_array_equal(a, model.get_denoised_counts(seed=3, batch_size=17, method="split").toarray())
     x = dense_x(adata)
     assert (a <= x).all() and ((a > 0) <= (x > 0)).all()
-    mean = np.mean([model.get_denoised_counts(seed=s).toarray().sum() for s in range(20)])
+    mean = np.mean([model.get_denoised_counts(seed=s, method="split").toarray().sum() for s in range(20)])
     expected = model.get_denoised_counts(method="split_mean").sum()
     assert abs(mean - expected) / expected < 0.01

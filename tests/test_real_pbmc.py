@@ -81,7 +81,7 @@ def pbmc():
     SCAR.setup_anndata(adata)
     model = SCAR(adata, ambient_profile=soup / soup.sum(), sparsity=SPARSITY, seed=SEED)
     model.train(max_epochs=EPOCHS, enable_progress_bar=False)
-    return adata, model, model.get_denoised_counts()
+    return adata, model, model.get_denoised_counts(method="split")
 
 
 def _in_out(adata, denoised, group):

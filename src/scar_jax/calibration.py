@@ -84,6 +84,7 @@ from __future__ import annotations
 import warnings
 from typing import Literal
 
+import anndata
 import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln
@@ -420,6 +421,10 @@ def calibrate_model(
     batch_index = batch_codes(adata, model.spec) if profile.shape[0] > 1 else None  # checked against the setup
     layer = model.spec.layer
     x = adata.X if layer is None else adata.layers[layer]
+    if isinstance(x, anndata.abc.CSRDataset | anndata.abc.CSCDataset):  # backed: the calibration needs all cells
+        x = x.to_memory()
+    elif not isinstance(x, np.ndarray) and not sp.issparse(x):  # e.g. an h5py or zarr dense array on disk
+        x = np.asarray(x[...])
     latent = model.get_latent_representation(adata, batch_size=batch_size)
     neighbours = knn_indices(latent, n_neighbours, metric=metric)
     eps, share = calibrated_native_share(

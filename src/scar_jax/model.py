@@ -494,7 +494,8 @@ class SCAR:
         from the genes that are not expressed in each cell's ``n_neighbours`` latent neighbourhood,
         computed over all cells of ``adata``, then subset by ``indices``). Use it at low contamination
         (a fraction of a percent to a few percent), where the model's own noise ratio is several times
-        too high. With one ambient profile per batch each cell's ambient counts follow its batch's profile.
+        too high; it is the noise ratio of the default denoising (``get_denoised_counts()`` for mRNA). With one
+        ambient profile per batch each cell's ambient counts follow its batch's profile.
         """
         if calibrated:
             return self._calibrated(adata, indices, batch_size, n_neighbours)[0]

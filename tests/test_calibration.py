@@ -9,7 +9,14 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from scar_jax.calibration import calibrated_native_share, knn_indices, neighbourhood_posterior, pool_counts
+from scar_jax.calibration import (
+    calibrate_model,
+    calibrated_native_share,
+    calibrated_split,
+    knn_indices,
+    neighbourhood_posterior,
+    pool_counts,
+)
 from scar_jax.datasets import simulate_species_mixture
 from scar_jax.metrics import species_mixture_metrics
 
@@ -256,6 +263,11 @@ def test_scar_calibrated_end_to_end_on_species_mixture() -> None:
     again = model.get_denoised_counts(method="calibrated", n_neighbours=30, seed=0, return_sparse=False)
     assert isinstance(again, np.ndarray)
     np.testing.assert_array_equal(again, d)
+    # the pure functions behind it (what the command line uses: one calibration for noise ratio and counts)
+    eps_direct, share = calibrate_model(model, n_neighbours=30, share_at="observed")
+    np.testing.assert_array_equal(eps_direct, eps)
+    np.testing.assert_array_equal(calibrated_split(a.X, share, seed=0).toarray(), d)
+    np.testing.assert_array_equal(calibrated_split(a.X.toarray(), share.toarray(), seed=0), d)  # dense in, dense out
     rows = np.arange(0, 120, 7)
     np.testing.assert_allclose(model.get_noise_ratio(indices=rows, calibrated=True, n_neighbours=30), eps[rows])
 

@@ -40,6 +40,7 @@ def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import __version__
+    from .calibration import calibrate_model, calibrated_split
     from .datasets import raw_droplets, simulate, simulate_empty_droplets
     from .metrics import denoising_metrics, pearson, pseudobulk_l1
     from .model import SCAR
@@ -78,7 +79,8 @@ def _demo(args: argparse.Namespace) -> int:
         f"noise ratio: Pearson r with the truth {pearson(noise_ratio, true_noise):.3f}; "
         f"mean estimated {noise_ratio.mean():.3f} vs true {true_noise.mean():.3f}"
     )
-    calibrated_noise = model.get_noise_ratio(calibrated=True)
+    # one calibration for the noise ratio and the default denoising (what get_denoised_counts() does)
+    calibrated_noise, share = calibrate_model(model, share_at="observed")
     say(
         f"calibrated noise ratio (the default denoising's): Pearson r with the truth "
         f"{pearson(calibrated_noise, true_noise):.3f}; mean {calibrated_noise.mean():.3f}"
@@ -91,7 +93,10 @@ def _demo(args: argparse.Namespace) -> int:
         "expected": "'expected' (scvi-tools reference)",
     }
     for method, label in labels.items():
-        results[method] = model.get_denoised_counts(method=method, seed=args.seed)
+        if method == "calibrated":
+            results[method] = calibrated_split(adata.X, share, seed=args.seed)
+        else:
+            results[method] = model.get_denoised_counts(method=method, seed=args.seed)
         m = denoising_metrics(adata.X, results[method], native)
         pb = pseudobulk_l1(adata.X, results[method], native, groups)
         say(
@@ -156,6 +161,7 @@ def _run_denoise(args: argparse.Namespace) -> int:
     import scipy.sparse as sp
 
     from . import __version__
+    from .calibration import calibrate_model, calibrated_split
     from .model import SCAR
     from .setup_record import select_device as _select_device
 
@@ -206,8 +212,12 @@ def _run_denoise(args: argparse.Namespace) -> int:
     say(f"trained {n_epochs} epochs on {len(model.train_indices)} cells in {model.training_time_s:.1f} s")
 
     method = args.method or model.default_denoising_method
-    noise_ratio = model.get_noise_ratio(calibrated=method == "calibrated")
-    denoised = model.get_denoised_counts(seed=args.seed, method=method)
+    if method == "calibrated":  # one calibration for both (get_noise_ratio(calibrated=True) would redo it)
+        noise_ratio, share = calibrate_model(model, share_at="observed")
+        denoised = calibrated_split(adata.X, share, seed=args.seed)
+    else:
+        noise_ratio = model.get_noise_ratio()
+        denoised = model.get_denoised_counts(seed=args.seed, method=method)
     if not sp.issparse(denoised):
         denoised = sp.csr_matrix(denoised)
     adata.layers["denoised"] = denoised.astype(np.float32)

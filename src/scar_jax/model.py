@@ -28,6 +28,7 @@ from . import io as _io
 from . import posterior as _post
 from . import setup_record as _setup
 from . import train as _train
+from .calibration import calibrated_split
 from .counts import to_device
 from .vae import SCARConfig, init_variables
 
@@ -621,24 +622,7 @@ class SCAR:
             raise ValueError(f"method must be 'split', 'split_mean', 'expected' or 'calibrated', got {method!r}")
         if method == "calibrated":
             _, share, cells, rows = self._calibrated(adata, indices, batch_size, n_neighbours, expressed_prior_odds)
-            x = cells.x[rows]
-            rng = np.random.default_rng(seed)
-            if sp.issparse(x):
-                x = sp.csr_matrix(x, copy=True)
-                x.sum_duplicates()
-                # the share is CSR with the pattern of the canonical counts (calibrated_native_share)
-                same = sp.issparse(share) and np.array_equal(share.indptr, x.indptr)
-                if same and np.array_equal(share.indices, x.indices):
-                    at_counts = share.data
-                else:  # another layout of the same counts: look the shares up
-                    row_of = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
-                    at_counts = np.asarray(share[row_of, x.indices]).ravel()
-                data = rng.binomial(np.rint(x.data).astype(np.int64), at_counts).astype(np.float32)
-                out = sp.csr_matrix((data, x.indices.copy(), x.indptr.copy()), shape=x.shape)
-                out.eliminate_zeros()
-                return out if return_sparse is None or return_sparse else out.toarray()
-            out = rng.binomial(np.rint(np.asarray(x)).astype(np.int64), share).astype(np.float32)
-            return sp.csr_matrix(out) if return_sparse else out
+            return calibrated_split(cells.x[rows], share, seed, return_sparse)
         cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
         if return_sparse is None:
             counts = self.adata.X if adata is None else adata.X

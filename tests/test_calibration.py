@@ -183,8 +183,9 @@ def test_per_batch_profiles_match_reference_and_calibrate_better_than_pooled() -
     want_eps, want_w = _dense_reference(a.X, nb, profiles, start, odds=0.1, batch=batch)
     eps, w = calibrated_native_share(a.X, nb, profiles, start, expressed_prior_odds=0.1, batch_index=batch,
                                      chunk_entries=3000)  # fmt: skip
-    np.testing.assert_allclose(eps, want_eps, rtol=1e-10)
-    np.testing.assert_allclose(w, want_w, rtol=1e-10, atol=1e-300)
+    # float32 on the device against the float64 derivation: measured 7e-5 relative (eps), 2.5e-5 (w)
+    np.testing.assert_allclose(eps, want_eps, rtol=5e-4)
+    np.testing.assert_allclose(w, want_w, rtol=0, atol=2e-4)
     m = species_mixture_metrics(a, a.X.toarray() * w)
     pooled_eps, _ = calibrated_native_share(a.X, nb, profiles.mean(0), start, expressed_prior_odds=0.1)
     # measured: per batch 0.785x the truth (r 0.77), kept 99.61%, removed 91.8%; pooled 0.474x (r 0.46)
@@ -194,7 +195,7 @@ def test_per_batch_profiles_match_reference_and_calibrate_better_than_pooled() -
     # the same profile in every batch is the single-profile computation
     one, _ = calibrated_native_share(a.X, nb, profiles[0], start, expressed_prior_odds=0.1)
     same, _ = calibrated_native_share(a.X, nb, profiles[[0, 0]], start, expressed_prior_odds=0.1, batch_index=batch)
-    np.testing.assert_allclose(same, one, rtol=1e-10)
+    np.testing.assert_allclose(same, one, rtol=1e-5)
     with pytest.raises(ValueError, match="batch_index is needed"):
         calibrated_native_share(a.X, nb, profiles, start)
     with pytest.raises(ValueError, match="batch_index must be"):
@@ -305,24 +306,28 @@ def _dense_reference(x, nb, a, eps, n_iter=50, alpha=1.0, pi0=0.5, tol=1e-4, odd
         a = np.asarray(a, np.float64) / np.sum(a)
     eps = np.clip(np.asarray(eps, np.float64), 1e-6, 1 - 1e-6)
     pooled = np.stack([x[nb[i]].sum(0) for i in range(n)])
-    pi, s, w = np.full(n, pi0), np.ones(n), np.ones_like(x)
-    for _ in range(n_iter):
+    pi, s = np.full(n, pi0), np.ones(n)
+
+    def posterior(eps, pi, s):
         T, B = ((1 - eps) * library)[nb].sum(1), (eps * library)[nb].sum(1)
         if batch is None:
-            q, theta = neighbourhood_posterior(pooled, T, B, a, pi, s, alpha)
-        else:
-            background = np.stack([(eps[nb[i]] * library[nb[i]])[:, None] * a[nb[i]] for i in range(n)]).sum(1)
-            q, theta = neighbourhood_posterior(pooled, T, B, a, pi, s, alpha, background=background)
-        native = (1 - eps[:, None]) * theta
-        total = native + eps[:, None] * a
-        q_share = odds * q / (odds * q + 1 - q)
-        w = q_share * np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
+            return neighbourhood_posterior(pooled, T, B, a, pi, s, alpha)
+        background = np.stack([(eps[nb[i]] * library[nb[i]])[:, None] * a[nb[i]] for i in range(n)]).sum(1)
+        return neighbourhood_posterior(pooled, T, B, a, pi, s, alpha, background=background)
+
+    for _ in range(n_iter):
+        q, theta = posterior(eps, pi, s)
         previous = eps
-        eps = np.clip(((1 - q) * x).sum(1) / (library * ((1 - q) * a).sum(1)), 1e-6, 1 - 1e-6)
+        off_ambient = np.maximum(library * ((1 - q) * a).sum(1), 1e-300)  # no gene off: eps 0, then the floor
+        eps = np.clip(((1 - q) * x).sum(1) / off_ambient, 1e-6, 1 - 1e-6)
         pi, s = np.clip(q.mean(1), 1e-6, 1 - 1e-6), 1 / np.maximum((q * a).sum(1), 1e-12)
         if np.max(np.abs(eps - previous) / previous) < tol:
             break
-    return eps, w
+    q, theta = posterior(eps, pi, s)  # the share at the fitted parameters
+    native = (1 - eps[:, None]) * theta
+    total = native + eps[:, None] * a
+    q_share = odds * q / (odds * q + 1 - q)
+    return eps, q_share * np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
 
 
 @pytest.mark.parametrize("chunk_entries", [1, 700, 1 << 20])
@@ -335,8 +340,9 @@ def test_blocked_calibration_matches_dense_reference(chunk_entries) -> None:
     start = np.full(a.n_obs, 0.02)
     want_eps, want_w = _dense_reference(a.X, nb, profile, start, odds=0.1)
     eps, w = calibrated_native_share(a.X, nb, profile, start, expressed_prior_odds=0.1, chunk_entries=chunk_entries)
-    np.testing.assert_allclose(eps, want_eps, rtol=1e-12)
-    np.testing.assert_allclose(w, want_w, rtol=1e-12, atol=1e-300)
+    # float32 on the device against the float64 derivation: measured 1e-6 relative (eps), 6e-7 (w)
+    np.testing.assert_allclose(eps, want_eps, rtol=2e-5)
+    np.testing.assert_allclose(w, want_w, rtol=0, atol=1e-5)
     eps_obs, w_obs = calibrated_native_share(
         a.X, nb, profile, start, expressed_prior_odds=0.1, share_at="observed", chunk_entries=chunk_entries
     )
@@ -348,9 +354,25 @@ def test_blocked_calibration_matches_dense_reference(chunk_entries) -> None:
     rows = np.repeat(np.arange(a.n_obs), np.diff(x.indptr))
     np.testing.assert_array_equal(w_obs.data, w[rows, x.indices])
     dense_eps, dense_w = calibrated_native_share(a.X.toarray(), nb, profile, start, expressed_prior_odds=0.1)
-    np.testing.assert_allclose(dense_eps, want_eps, rtol=1e-12)
+    np.testing.assert_allclose(dense_eps, want_eps, rtol=2e-5)
     with pytest.raises(ValueError, match="share_at"):
         calibrated_native_share(a.X, nb, profile, start, share_at="nonzero")
+
+
+def test_every_gene_expressed_leaves_the_noise_ratio_uninformed_not_inflated() -> None:
+    """Four genes at ~5,000 counts per cell, all on in every neighbourhood with off-probabilities far below
+    ``OFF_PROBABILITY_FLOOR``: no gene informs the noise ratio, which goes to its floor 1e-6 (as in the float64
+    reference) instead of the ratio of two vanishing sums (without the floor: up to 1 - 1e-6 on CITE-seq cells)."""
+    rng = np.random.default_rng(0)
+    profile, native = np.array([0.4, 0.3, 0.2, 0.1]), np.array([0.1, 0.2, 0.3, 0.4])
+    x = rng.poisson(5000 * (0.98 * native + 0.02 * profile), (30, 4)).astype(float)
+    nb = np.stack([np.r_[i, np.delete(np.arange(30), i)[:9]] for i in range(30)])
+    eps, w = calibrated_native_share(x, nb, profile, np.full(30, 0.01))
+    want_eps, want_w = _dense_reference(x, nb, profile, np.full(30, 0.01))
+    np.testing.assert_allclose(eps, 1e-6, rtol=1e-6)
+    np.testing.assert_allclose(want_eps, 1e-6, rtol=1e-12)
+    np.testing.assert_allclose(w, want_w, rtol=0, atol=1e-6)
+    assert 0 <= w.min() and w.max() <= 1
 
 
 def test_implausible_calibrated_noise_ratio_warns(monkeypatch) -> None:

@@ -17,8 +17,9 @@ rounds (``tol=0``), so they do the same work:
   (``tests/test_calibration.py::_dense_reference``; dense ``(n, G)`` arrays, so only up to
   ``--reference-max-entries`` cells x genes), and the largest relative difference of the noise ratios.
 
-Columns: cells, genes, stored pooled entries (fraction of cells x genes), seconds, seconds per round, and for the
-reference its time and the agreement.
+Columns: cells, genes, the stored pooled entries (fraction of cells x genes), seconds, milliseconds per round, the
+peak resident memory of the warm call above what the process held before it (``_rss.PeakRSS``; on a CPU the
+device arrays are host memory), and for the reference its time and the agreement.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import scipy.sparse as sp
+from _rss import PeakRSS  # benchmarks/_rss.py, beside this script
 
 from scar_jax.calibration import _pool, calibrated_native_share
 from scar_jax.datasets import simulate_species_mixture
@@ -49,10 +51,12 @@ def run(n_cells: int, n_genes: int, rounds: int, k: int, reference_max_entries: 
     times = []
     for _ in range(2):
         t = time.perf_counter()
-        eps, share = calibrated_native_share(
-            adata.X, neighbours, profile, start, n_iter=rounds, tol=0.0, expressed_prior_odds=0.1, share_at="observed"
-        )
+        with PeakRSS() as rss:
+            eps, share = calibrated_native_share(
+                adata.X, neighbours, profile, start, rounds, tol=0.0, expressed_prior_odds=0.1, share_at="observed"
+            )
         times.append(time.perf_counter() - t)
+    row["peak_mb"] = rss.peak - rss.start
     row["pooled_fraction"] = _pool(sp.csr_matrix(adata.X), neighbours).nnz / (n_cells * n_genes)
     row["jax_first_s"], row["jax_warm_s"] = times
     if n_cells * n_genes <= reference_max_entries:
@@ -72,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}), "
           f"{args.rounds} rounds, k = {args.neighbours}")  # fmt: skip
-    header = "| cells | genes | pooled stored | jax 1st (s) | jax warm (s) | ms/round | numpy f64 (s) | max rel diff |"
+    header = "| cells | genes | pooled | jax 1st (s) | jax warm (s) | ms/round | peak MB | numpy (s) | max rel diff |"
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for size in args.sizes:
@@ -80,6 +84,7 @@ def main() -> None:
         r = run(n_cells, n_genes, args.rounds, args.neighbours, args.reference_max_entries)
         ref = f"{r['numpy_s']:.1f} | {r['max_rel_diff']:.1e}" if "numpy_s" in r else "- | -"
         jax_s = f"{r['jax_first_s']:.1f} | {r['jax_warm_s']:.1f} | {1000 * r['jax_warm_s'] / args.rounds:.0f}"
+        jax_s += f" | {r['peak_mb']:.0f}"
         print(f"| {n_cells} | {n_genes} | {r['pooled_fraction']:.0%} | {jax_s} | {ref} |", flush=True)
 
 

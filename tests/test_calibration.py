@@ -230,6 +230,46 @@ def test_calibrated_with_per_batch_profiles_through_scar() -> None:
     assert (adata.X != before.X).nnz == 0 and adata.obs.equals(before.obs)
 
 
+def test_scar_keeps_the_last_calibration_for_the_same_inputs(monkeypatch) -> None:
+    """``get_noise_ratio(calibrated=True)`` then ``get_denoised_counts()`` calibrate once; another knob, changed
+    counts or retraining calibrate again, and a reused calibration gives what a fresh one gives."""
+    import anndata
+
+    from scar_jax import SCAR, calibration
+
+    a = simulate_species_mixture(n_cells=60, n_genes=300, seed=1)
+    adata = anndata.AnnData(sp.csr_matrix(a.X), obs=a.obs[["species"]].copy())
+    SCAR.setup_anndata(adata)
+    model = SCAR(adata, ambient_profile=a.varm["true_ambient_profile"][:, 0], n_hidden=16, n_latent=4, seed=0)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    calls = []
+    real = calibration.calibrate_model
+    monkeypatch.setattr(calibration, "calibrate_model", lambda *a, **k: calls.append(k) or real(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a 2-epoch model may call most counts ambient
+        eps = model.get_noise_ratio(calibrated=True, n_neighbours=10)
+        first = model.get_denoised_counts(n_neighbours=10, seed=3)
+        assert len(calls) == 1
+        subset = model.get_noise_ratio(calibrated=True, n_neighbours=10, indices=[4, 2])
+        np.testing.assert_array_equal(subset, eps[[4, 2]])
+        assert len(calls) == 1
+        model._calibration_cache = None  # a fresh calibration gives the same counts
+        assert (model.get_denoised_counts(n_neighbours=10, seed=3) != first).nnz == 0 and len(calls) == 2
+        model.get_denoised_counts(n_neighbours=10, expressed_prior_odds=1.0)  # another knob
+        assert len(calls) == 3
+        model.get_denoised_counts(n_neighbours=12)  # other neighbourhoods
+        assert len(calls) == 4
+        adata.X = adata.X.copy()
+        adata.X.data[0] += 1  # the counts changed
+        model.get_denoised_counts(n_neighbours=12)
+        assert len(calls) == 5
+        model.train(max_epochs=1, enable_progress_bar=False)  # new parameters
+        model.get_denoised_counts(n_neighbours=12)
+        assert len(calls) == 6
+        model.get_denoised_counts(n_neighbours=12)
+        assert len(calls) == 6
+
+
 @pytest.mark.slow
 def test_scar_calibrated_end_to_end_on_species_mixture() -> None:
     """Issue 10's targets through the SCAR API at a CI size (120 cells x 1500 genes, 150 epochs, ~40 s).

@@ -590,7 +590,7 @@ class SCAR:
             ``"expected"``; earlier versions of scar-jax ``"split"``): it is at least as close to the truth
             in every regime measured. Simulated, 2,000 cells x 1,000 genes (``benchmarks/denoising_quality.py``):
             at 20% contamination 82.1% of the ambient counts removed and 95.5% of the native kept (oracle
-            82.4% / 95.5%, ``"split"`` 74.3% / 96.3%), at 5% 71.6% / 98.5% (oracle 72.0% / 98.5%, split
+            82.4% / 95.5%, ``"split"`` 74.3% / 96.3%), at 5% 71.5% / 98.5% (oracle 72.0% / 98.5%, split
             69.2% / 98.5%). Low contamination (two-species mixture, 0.2-2%, README): >= 99.5% of the counts
             of expressed genes kept and >= 90% of the contamination removed (99.57% / 90.4% and 99.57% / 91.5%
             at 300 x 20,000, seeds 0 / 1), where the model's noise ratio is several times too high and its

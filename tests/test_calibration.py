@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
+from scar_jax import calibration
 from scar_jax.calibration import (
     calibrate_model,
     calibrated_native_share,
@@ -370,10 +371,13 @@ def _dense_reference(x, nb, a, eps, n_iter=50, alpha=1.0, pi0=0.5, tol=1e-4, odd
     return eps, q_share * np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
 
 
-@pytest.mark.parametrize("chunk_entries", [1, 700, 1 << 20])
-def test_blocked_calibration_matches_dense_reference(chunk_entries) -> None:
-    """Blocks of cells (any size, down to one cell) give the whole-array computation; the share at the
-    observed entries (CSR, the counts' pattern) equals the full share there."""
+@pytest.mark.parametrize(("chunk_entries", "host_entries"), [(1, 1), (700, 1500), (1 << 20, 1 << 22)])
+def test_blocked_calibration_matches_dense_reference(chunk_entries, host_entries, monkeypatch) -> None:
+    """Chunks of cells and blocks of stored entries (any size, down to one cell and one entry, a partial
+    last one), and the stored entries built on the host in chunks of rows (down to one row) give the
+    whole-array computation; the share at the observed entries (CSR, the counts' pattern) equals the full
+    share there."""
+    monkeypatch.setattr(calibration, "_HOST_ENTRIES", host_entries)
     a = simulate_species_mixture(n_cells=60, n_genes=400, seed=5)
     nb = _oracle_neighbourhoods(a, 12)
     profile = a.varm["true_ambient_profile"][:, 0]

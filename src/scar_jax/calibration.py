@@ -74,13 +74,18 @@ for many genes) the log-odds is ``logit(pi_i) + alpha log(alpha / (alpha + mu_ig
 of the row's parameters and the gene's ambient frequency only. Each round therefore sums the posterior
 over all genes *as if* every pooled count were zero, in chunks of rows (nothing ``(n, G)`` is held), and
 corrects the sums at the stored entries (the union of the entries of ``x`` and of its pooled counts;
-``lgamma(X + alpha) - lgamma(alpha)`` is computed once, in float64, as it does not change). The rounds
-run in one ``jax.lax.while_loop``; the share is evaluated once, at the fitted parameters. Agreement with
-the float64 NumPy derivation (``tests/test_calibration.py``): 1e-6 relative on the noise ratio, 6e-7 on
-the share with one profile; 7e-5 and 2.5e-5 with two. Measured on 2 CPU cores, 300 cells x 20,000 genes,
-50 rounds (``benchmarks/calibration_speed.py``): 4.9 s once compiled (5.7 s the first call) against 25.6 s for
-that float64 derivation; in the whole calibration (latent, neighbours, loop) 4.8 s against 8.0 s for the blocked
-NumPy loop of earlier versions.
+``lgamma(X + alpha) - lgamma(alpha)`` is computed once, in float64, as it does not change). The stored
+entries are held on the device in blocks of ``CHUNK_ENTRIES`` (int32 row and column, float32 pooled count,
+lgamma term and own count: 20 bytes an entry) and each round adds their corrections block by block (a
+``jax.lax.scan``), so its temporaries are bounded by a block; the host builds them in chunks of rows. The
+rounds run in one ``jax.lax.while_loop``; the share is evaluated once, at the fitted parameters, block by
+block. Agreement with the float64 NumPy derivation (``tests/test_calibration.py``): 1e-6 relative on the
+noise ratio, 6e-7 on the share with one profile; 7e-5 and 2.5e-5 with two. Measured on 2 CPU cores
+(``benchmarks/calibration_speed.py``): 300 cells x 20,000 genes, 50 rounds, 5.4 s once compiled against
+28.9 s for that float64 derivation; 20,000 x 2,000 (24M stored entries), 10 rounds, 14.5 s and 1.36 GB at
+peak (2.76 GB when the entries were one array and a round's temporaries spanned all of them); 100,000 x 2,000
+(120M entries) 74 s and 6.5 GB (86 s and 13.4 GB), about 54 bytes per stored entry on a CPU, where the device
+arrays and the host's construction share the memory.
 
 One ambient profile per batch
 -----------------------------
@@ -274,7 +279,8 @@ def neighbourhood_posterior(
     return q, theta
 
 
-CHUNK_ENTRIES = 1 << 20  # cells x genes per block of the posterior (dense float64 temporaries of 8 MB each)
+CHUNK_ENTRIES = 1 << 20  # cells x genes per chunk of rows, and stored entries per block, of the loop's temporaries
+_HOST_ENTRIES = 1 << 22  # cells x genes per chunk of rows when the stored entries are built on the host
 # calibrate_model warns above this mean noise ratio: measured on PBMC, a model trained 5 epochs (latent
 # neighbourhoods that mix cell types) gives 0.91, a trained one 0.07 (soup-implied at most 0.058)
 IMPLAUSIBLE_NOISE_RATIO = 0.5
@@ -298,17 +304,20 @@ class _Problem(NamedTuple):
     """The device arrays of one calibration: cells, their neighbourhoods, and the stored entries.
 
     The entries are the union of the stored entries of the counts ``x`` and of their pooled counts, as
-    ``(row, col)`` in row-major order with the pooled count ``pooled`` and the cell's own count ``counts``."""
+    ``(row, col)`` in row-major order with the pooled count ``pooled`` and the cell's own count ``counts``, in
+    blocks of a fixed number of entries ``(n_blocks, block)`` (the last padded with ``(n - 1, 0)`` and
+    ``pooled = counts = lgamma_ratio = 0``, which adds exactly zero to every sum). The rounds and the share go
+    over the blocks one at a time, so their temporaries are bounded by a block, not by the entries."""
 
     library: jax.Array  # (n,) N_i
     neighbours: jax.Array  # (n, k)
     batch: jax.Array  # (n,) row of ``profiles`` of each cell
     profiles: jax.Array  # (n_batches, G), rows sum to one
-    row: jax.Array  # (nnz,)
-    col: jax.Array  # (nnz,)
-    pooled: jax.Array  # (nnz,) X_ig
-    lgamma_ratio: jax.Array  # (nnz,) lgamma(X_ig + alpha) - lgamma(alpha)
-    counts: jax.Array  # (nnz,) x_ig
+    row: jax.Array  # (n_blocks, block)
+    col: jax.Array  # (n_blocks, block)
+    pooled: jax.Array  # (n_blocks, block) X_ig
+    lgamma_ratio: jax.Array  # (n_blocks, block) lgamma(X_ig + alpha) - lgamma(alpha)
+    counts: jax.Array  # (n_blocks, block) x_ig
 
 
 def _log_odds(X, lgamma_ratio, mu, background, logit_pi, alpha):
@@ -399,18 +408,19 @@ def _round(eps, pi, s, problem: _Problem, alpha, chunk: int):
         return q.sum(1), (q * cell_a).sum(1), (off * cell_a).sum(1)
 
     q_sum, q_ambient, off_ambient = _by_row_chunks(zero_counts, (scale, logit_pi, by_batch, problem.batch), n, chunk)
-    row = problem.row
-    mu, background, cell_a = _entry_terms(scale, by_batch, problem, row, problem.col)
-    q, off = _on_off(_log_odds(problem.pooled, problem.lgamma_ratio, mu, background, logit_pi[row], alpha))
-    q0, off0 = _on_off(_log_odds(0.0, 0.0, mu, background, logit_pi[row], alpha))
 
-    def by_row(values):
-        return jax.ops.segment_sum(values, row, num_segments=n, indices_are_sorted=True)
+    def stored(sums, block):  # the corrections at one block of stored entries, added row by row
+        row, col, pooled, lgamma_ratio, counts = block
+        mu, background, cell_a = _entry_terms(scale, by_batch, problem, row, col)
+        q, off = _on_off(_log_odds(pooled, lgamma_ratio, mu, background, logit_pi[row], alpha))
+        q0, off0 = _on_off(_log_odds(0.0, 0.0, mu, background, logit_pi[row], alpha))
+        terms = (q - q0, (q - q0) * cell_a, (off - off0) * cell_a, off * counts)
+        added = (total.at[row].add(term, indices_are_sorted=True) for total, term in zip(sums, terms, strict=True))
+        return tuple(added), None
 
-    q_sum = q_sum + by_row(q - q0)
-    q_ambient = q_ambient + by_row((q - q0) * cell_a)
-    off_ambient = off_ambient + by_row((off - off0) * cell_a)
-    off_counts = by_row(off * problem.counts)
+    blocks = (problem.row, problem.col, problem.pooled, problem.lgamma_ratio, problem.counts)
+    sums, _ = jax.lax.scan(stored, (q_sum, q_ambient, off_ambient, jnp.zeros(n, eps.dtype)), blocks)
+    q_sum, q_ambient, off_ambient, off_counts = sums
     tiny = jnp.finfo(eps.dtype).tiny
     new_eps = jnp.clip(off_counts / jnp.maximum(problem.library * off_ambient, tiny), 1e-6, 1 - 1e-6)
     return new_eps, jnp.clip(q_sum / n_genes, 1e-6, 1 - 1e-6), 1.0 / jnp.maximum(q_ambient, 1e-12)
@@ -445,13 +455,19 @@ def _entry_terms(scale, by_batch, problem: _Problem, row, col):
 
 @jax.jit
 def _share_at(eps, pi, s, problem: _Problem, at, alpha, odds):
-    """The native share at the stored entries ``at`` ``(m,)`` (positions in ``problem.row``)."""
-    row, col, pooled = problem.row[at], problem.col[at], problem.pooled[at]
+    """The native share at the stored entries ``at`` ``(m_blocks, block)`` (positions in the flattened
+    ``problem.row``), one block at a time."""
     native_library, by_batch = _libraries(eps, problem)
-    mu, background, cell_a = _entry_terms(native_library * s, by_batch, problem, row, col)
-    logit_pi = jnp.log(pi[row]) - jnp.log1p(-pi[row])
-    log_odds = _log_odds(pooled, problem.lgamma_ratio[at], mu, background, logit_pi, alpha)
-    return _native_share(pooled, mu, background, native_library[row], eps[row], cell_a, log_odds, alpha, odds)
+    scale = native_library * s
+    logit_pi = jnp.log(pi) - jnp.log1p(-pi)
+
+    def block(at):
+        row, col, pooled = problem.row.ravel()[at], problem.col.ravel()[at], problem.pooled.ravel()[at]
+        mu, background, cell_a = _entry_terms(scale, by_batch, problem, row, col)
+        log_odds = _log_odds(pooled, problem.lgamma_ratio.ravel()[at], mu, background, logit_pi[row], alpha)
+        return _native_share(pooled, mu, background, native_library[row], eps[row], cell_a, log_odds, alpha, odds)
+
+    return jax.lax.map(block, at)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
@@ -471,33 +487,76 @@ def _share_dense(eps, pi, s, problem: _Problem, alpha, odds, chunk: int):
     return _by_row_chunks(rows, arrays, problem.library.shape[0], chunk)
 
 
-def _stored_entries(x: sp.csr_matrix, neighbours: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The union of the stored entries of canonical CSR counts ``x`` and of their pooled counts, row-major.
+def _stored_entries(
+    x: sp.csr_matrix, neighbours: np.ndarray, alpha: float, block: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    """The union of the stored entries of canonical CSR counts ``x`` and of their pooled counts, row-major, in
+    blocks of ``block`` entries (:class:`_Problem`; ``block`` is lowered to the number of entries if larger).
 
-    Returns ``row``, ``col`` (int32), the pooled counts ``X`` and the cell's own counts ``x`` there (float32),
-    and the positions of the entries of ``x`` among them ``(x.nnz,)``. A cell is its own neighbour (as
-    :func:`knn_indices` makes it), so the union is the pooled pattern; otherwise entries are looked up."""
+    Returns the arrays of :class:`_Problem`'s entries ``(n_blocks, block)`` (``row``, ``col`` int32; ``pooled``,
+    ``counts`` and ``lgamma_ratio``, computed in float64, float32), the positions of the entries of ``x`` among
+    them ``(x.nnz,)`` and the number of entries before padding. Built in chunks of rows, so the temporaries
+    are bounded by a chunk. A cell is its own neighbour (as :func:`knn_indices` makes it), so the union is
+    usually the pooled pattern; otherwise entries are looked up."""
     n, n_genes = x.shape
-    pooled = sp.csr_matrix(_pool(x, neighbours))
-    pooled.sum_duplicates()
-    union = sp.csr_matrix(pooled + x)  # both non-negative: the union of the two patterns, X + x at each entry
-    union.sum_duplicates()
-    row = np.repeat(np.arange(n, dtype=np.int32), np.diff(union.indptr))
-    key = row.astype(np.int64) * n_genes + union.indices  # increasing
+    rows_per_chunk = max(1, _HOST_ENTRIES // max(n_genes, 1))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("row", "col", "pooled", "counts", "lgamma_ratio")}
+    at_x, offset = [], 0
+    for start in range(0, n, rows_per_chunk):
+        stop = min(n, start + rows_per_chunk)
+        own = x[start:stop]
+        pooled = sp.csr_matrix(_pool(x, neighbours[start:stop]))
+        pooled.sum_duplicates()
+        union = sp.csr_matrix(pooled + own)  # both non-negative: the union of the two patterns
+        union.sum_duplicates()
+        local_row = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(union.indptr))
+        key = local_row * n_genes + union.indices  # increasing
 
-    def positions(m: sp.csr_matrix) -> np.ndarray:
-        m_row = np.repeat(np.arange(n, dtype=np.int64), np.diff(m.indptr))
-        return np.searchsorted(key, m_row * n_genes + m.indices)
+        def positions(m: sp.csr_matrix, key=key) -> np.ndarray:
+            m_row = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
+            return np.searchsorted(key, m_row * n_genes + m.indices)
 
-    at_x = positions(x)
-    if union.nnz == pooled.nnz:  # the same pattern: the pooled counts are aligned with the union
-        X = pooled.data.astype(np.float32)
-    else:
-        X = np.zeros(union.nnz, np.float32)
-        X[positions(pooled)] = pooled.data
-    counts = np.zeros(union.nnz, np.float32)
-    counts[at_x] = x.data
-    return row, union.indices.astype(np.int32), X, counts, at_x
+        if union.nnz == pooled.nnz:  # the same pattern: the pooled counts are aligned with the union
+            X = pooled.data
+        else:
+            X = np.zeros(union.nnz)
+            X[positions(pooled)] = pooled.data
+        own_at = positions(own)
+        counts = np.zeros(union.nnz, np.float32)
+        counts[own_at] = own.data
+        parts["row"].append((local_row + start).astype(np.int32))
+        parts["col"].append(union.indices.astype(np.int32))
+        parts["pooled"].append(X.astype(np.float32))
+        parts["counts"].append(counts)
+        parts["lgamma_ratio"].append((gammaln(X + alpha) - gammaln(alpha)).astype(np.float32))
+        at_x.append(own_at + offset)
+        offset += union.nnz
+    if offset >= np.iinfo(np.int32).max:
+        raise ValueError(
+            f"the calibration would hold {offset:,} stored neighbourhood entries, more than 2^31 - 1: use "
+            f"method='split', fewer genes or fewer neighbours (n_neighbours)"
+        )
+    block = max(1, min(int(block), offset))
+    n_blocks = max(1, -(-offset // block))
+    padded = {}
+    for name, chunks in parts.items():
+        out = np.empty(n_blocks * block, chunks[0].dtype if chunks else np.int32)
+        out[offset:] = n - 1 if name == "row" else 0
+        at = 0
+        while chunks:  # freed as they are copied
+            chunk = chunks.pop(0)
+            out[at : at + chunk.size] = chunk
+            at += chunk.size
+        padded[name] = out.reshape(n_blocks, block)
+    return padded, np.concatenate(at_x) if at_x else np.zeros(0, np.int64), offset
+
+
+def _blocks_of(positions: np.ndarray, block: int) -> jax.Array:
+    """``positions`` ``(m,)`` as ``(ceil(m / block), block)`` int32, the last block padded with position 0."""
+    n_blocks = max(1, -(-positions.size // block))
+    out = np.zeros(n_blocks * block, np.int32)
+    out[: positions.size] = positions
+    return jnp.asarray(out.reshape(n_blocks, block))
 
 
 def calibrated_native_share(
@@ -555,10 +614,11 @@ def calibrated_native_share(
         an entry, as a CSR matrix with the pattern of ``x`` (duplicates summed, indices sorted), which
         is all a count-preserving split needs; the memory is then that of the sparse matrices.
     chunk_entries
-        The zero-count part of each round is evaluated over chunks of about ``chunk_entries`` cells x genes
-        (float32 temporaries of that size), so the memory beyond ``x``, its stored pooled entries and the
-        result does not grow with the number of cells. The result does not depend on it (up to float32
-        rounding of the sums).
+        The zero-count part of each round is evaluated over chunks of about ``chunk_entries`` cells x genes,
+        and the stored entries in blocks of ``chunk_entries`` (float32 temporaries of that size), so the
+        memory beyond ``x``, its stored pooled entries (20 bytes each on the device) and the result does
+        not grow with the number of cells. The result does not depend on it (up to float32 rounding of the
+        sums).
 
     Returns
     -------
@@ -590,28 +650,28 @@ def calibrated_native_share(
             raise ValueError(f"batch_index must be (n_cells,) = ({n},) integers in [0, {n_batches})")
     else:
         batch_index = np.zeros(n, np.int64)
-    row, col, pooled, counts, at_x = _stored_entries(x, neighbours)
+    block = max(1, int(chunk_entries))
+    entries, at_x, n_entries = _stored_entries(x, neighbours, alpha, block)
+    block = entries["row"].shape[1]
     f32 = functools.partial(jnp.asarray, dtype=_DTYPE)
     problem = _Problem(
         library=f32(np.asarray(x.sum(1)).ravel()),
         neighbours=jnp.asarray(neighbours, jnp.int32),
         batch=jnp.asarray(batch_index, jnp.int32),
         profiles=f32(profiles),
-        row=jnp.asarray(row, jnp.int32),
-        col=jnp.asarray(col, jnp.int32),
-        pooled=f32(pooled),
-        lgamma_ratio=f32(gammaln(pooled.astype(np.float64) + alpha) - gammaln(alpha)),
-        counts=f32(counts),
+        **{name: jnp.asarray(entries.pop(name)) for name in ("row", "col", "pooled", "lgamma_ratio", "counts")},
     )
     chunk = max(1, min(n, int(chunk_entries) // max(n_genes, 1)))
     start = f32(np.clip(np.asarray(noise_ratio, np.float64).ravel(), 1e-6, 1 - 1e-6))
     eps, pi, s, _ = _fit(start, jnp.full(n, pi0, _DTYPE), jnp.ones(n, _DTYPE), problem, alpha, tol, int(n_iter), chunk)
     if share_at == "observed" and sparse_input:
-        w = _share_at(eps, pi, s, problem, jnp.asarray(at_x), alpha, odds)
+        w = _share_at(eps, pi, s, problem, _blocks_of(at_x, block), alpha, odds).ravel()[: at_x.size]
         w = sp.csr_matrix((np.asarray(w, np.float64), x.indices.copy(), x.indptr.copy()), shape=x.shape)
     else:
         w = np.array(_share_dense(eps, pi, s, problem, alpha, odds, chunk), np.float64)  # writable
-        w[row, col] = np.asarray(_share_at(eps, pi, s, problem, jnp.arange(row.size), alpha, odds), np.float64)
+        at = _blocks_of(np.arange(n_entries), block)
+        stored = np.asarray(_share_at(eps, pi, s, problem, at, alpha, odds), np.float64).ravel()[:n_entries]
+        w[np.asarray(problem.row).ravel()[:n_entries], np.asarray(problem.col).ravel()[:n_entries]] = stored
     return np.asarray(eps, np.float64), w
 
 

@@ -600,7 +600,7 @@ class SCAR:
             87% against 97%; isotype controls 93.7% against 100%). Its cost: it needs all cells of
             ``adata`` in memory at once (on-disk counts are read whole), exact neighbours up to 50,000
             cells (approximate above), and up to 50 rounds over cells x genes in one compiled JAX loop
-            (float32, the default device; 4.8 s in all for 300 x 20,000 on 2 CPU cores, 8.0 s with the NumPy
+            (float32, the default device; 2.4-5.4 s in all for 300 x 20,000 on 2 CPU cores, 8.0 s with the NumPy
             loop of earlier versions; ``benchmarks/calibration_speed.py``). The last calibration is kept on
             the model (about 12 bytes per stored count), so ``get_noise_ratio(calibrated=True)`` and this
             method with the same data and settings compute it once. For atlases, on-disk
@@ -610,7 +610,8 @@ class SCAR:
             With one ambient profile per batch, each cell's ambient counts follow its own batch's profile
             (a neighbourhood's expected ambient counts mix them). For sparse counts the memory is that of
             sparse matrices (the counts, their neighbourhood sums and the shares at the observed entries;
-            about 20 bytes per stored neighbourhood sum on the device) plus chunks of about 1M entries.
+            20 bytes per stored neighbourhood sum on the device, about 54 in all on a CPU) plus chunks and
+            blocks of about 1M entries: 6.5 GB for 100,000 cells x 2,000 genes (README).
 
             ``"split"`` (count-preserving, the model's own posterior): each observed count is native with
             its posterior share ``w = (1 - eps) phi / ((1 - eps) phi + eps a)`` (the cell's own batch

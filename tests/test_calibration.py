@@ -443,3 +443,13 @@ def test_implausible_calibrated_noise_ratio_warns(monkeypatch) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calibration.calibrate_model(model, n_neighbours=5)  # a plausible value: silent
+
+
+def test_too_many_stored_entries_is_a_clear_error(monkeypatch) -> None:
+    """Past the int32 positions of the device arrays the calibration says so (and what to do) before the loop."""
+    monkeypatch.setattr(calibration, "_MAX_ENTRIES", 1000)
+    monkeypatch.setattr(calibration, "_HOST_ENTRIES", 4000)  # chunks of 10 rows: it stops at the first one past
+    a = simulate_species_mixture(n_cells=60, n_genes=400, seed=5)
+    nb = _oracle_neighbourhoods(a, 12)
+    with pytest.raises(ValueError, match=r"more than 1,000 stored neighbourhood entries.*method='split'"):
+        calibrated_native_share(a.X, nb, a.varm["true_ambient_profile"][:, 0], np.full(a.n_obs, 0.02))

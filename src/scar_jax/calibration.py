@@ -82,9 +82,9 @@ rounds run in one ``jax.lax.while_loop``; the share is evaluated once, at the fi
 block. Agreement with the float64 NumPy derivation (``tests/test_calibration.py``): 1e-6 relative on the
 noise ratio, 6e-7 on the share with one profile; 7e-5 and 2.5e-5 with two. Measured on 2 CPU cores
 (``benchmarks/calibration_speed.py``): 300 cells x 20,000 genes, 50 rounds, 5.4 s once compiled against
-28.9 s for that float64 derivation; 20,000 x 2,000 (24M stored entries), 10 rounds, 14.5 s and 1.36 GB at
+28.9 s for that float64 derivation; 20,000 x 2,000 (24M stored entries), 10 rounds, 12.7 s and 1.31 GB at
 peak (2.76 GB when the entries were one array and a round's temporaries spanned all of them); 100,000 x 2,000
-(120M entries) 74 s and 6.5 GB (86 s and 13.4 GB), about 54 bytes per stored entry on a CPU, where the device
+(120M entries) 77 s and 5.3 GB (86 s and 13.4 GB), about 44 bytes per stored entry on a CPU, where the device
 arrays and the host's construction share the memory.
 
 One ambient profile per batch
@@ -280,7 +280,8 @@ def neighbourhood_posterior(
 
 
 CHUNK_ENTRIES = 1 << 20  # cells x genes per chunk of rows, and stored entries per block, of the loop's temporaries
-_HOST_ENTRIES = 1 << 22  # cells x genes per chunk of rows when the stored entries are built on the host
+_HOST_ENTRIES = 1 << 20  # cells x genes per chunk of rows when the stored entries are built on the host
+_MAX_ENTRIES = np.iinfo(np.int32).max - 1  # stored entries: their positions and rows are int32 on the device
 # calibrate_model warns above this mean noise ratio: measured on PBMC, a model trained 5 epochs (latent
 # neighbourhoods that mix cell types) gives 0.91, a trained one 0.07 (soup-implied at most 0.058)
 IMPLAUSIBLE_NOISE_RATIO = 0.5
@@ -509,6 +510,12 @@ def _stored_entries(
         pooled.sum_duplicates()
         union = sp.csr_matrix(pooled + own)  # both non-negative: the union of the two patterns
         union.sum_duplicates()
+        if offset + union.nnz > _MAX_ENTRIES:
+            raise ValueError(
+                f"the calibration would hold more than {_MAX_ENTRIES:,} stored neighbourhood entries "
+                f"({offset + union.nnz:,} in the first {stop:,} of {n:,} cells): use method='split', fewer genes "
+                f"or fewer neighbours (n_neighbours)"
+            )
         local_row = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(union.indptr))
         key = local_row * n_genes + union.indices  # increasing
 
@@ -529,13 +536,8 @@ def _stored_entries(
         parts["pooled"].append(X.astype(np.float32))
         parts["counts"].append(counts)
         parts["lgamma_ratio"].append((gammaln(X + alpha) - gammaln(alpha)).astype(np.float32))
-        at_x.append(own_at + offset)
+        at_x.append((own_at + offset).astype(np.int32))
         offset += union.nnz
-    if offset >= np.iinfo(np.int32).max:
-        raise ValueError(
-            f"the calibration would hold {offset:,} stored neighbourhood entries, more than 2^31 - 1: use "
-            f"method='split', fewer genes or fewer neighbours (n_neighbours)"
-        )
     block = max(1, min(int(block), offset))
     n_blocks = max(1, -(-offset // block))
     padded = {}
@@ -548,7 +550,7 @@ def _stored_entries(
             out[at : at + chunk.size] = chunk
             at += chunk.size
         padded[name] = out.reshape(n_blocks, block)
-    return padded, np.concatenate(at_x) if at_x else np.zeros(0, np.int64), offset
+    return padded, np.concatenate(at_x) if at_x else np.zeros(0, np.int32), offset
 
 
 def _blocks_of(positions: np.ndarray, block: int) -> jax.Array:

@@ -610,8 +610,8 @@ class SCAR:
             With one ambient profile per batch, each cell's ambient counts follow its own batch's profile
             (a neighbourhood's expected ambient counts mix them). For sparse counts the memory is that of
             sparse matrices (the counts, their neighbourhood sums and the shares at the observed entries;
-            20 bytes per stored neighbourhood sum on the device, about 54 in all on a CPU) plus chunks and
-            blocks of about 1M entries: 6.5 GB for 100,000 cells x 2,000 genes (README).
+            20 bytes per stored neighbourhood sum on the device, about 44 in all on a CPU) plus chunks and
+            blocks of about 1M entries: 5.3 GB for 100,000 cells x 2,000 genes (README).
 
             ``"split"`` (count-preserving, the model's own posterior): each observed count is native with
             its posterior share ``w = (1 - eps) phi / ((1 - eps) phi + eps a)`` (the cell's own batch

@@ -539,26 +539,32 @@ def _stored_entries(
         at_x.append((own_at + offset).astype(np.int32))
         offset += union.nnz
     block = max(1, min(int(block), offset))
-    n_blocks = max(1, -(-offset // block))
-    padded = {}
-    for name, chunks in parts.items():
-        out = np.empty(n_blocks * block, chunks[0].dtype if chunks else np.int32)
-        out[offset:] = n - 1 if name == "row" else 0
-        at = 0
-        while chunks:  # freed as they are copied
-            chunk = chunks.pop(0)
-            out[at : at + chunk.size] = chunk
-            at += chunk.size
-        padded[name] = out.reshape(n_blocks, block)
+    dtypes = {"row": np.int32, "col": np.int32}
+    padded = {
+        name: _in_blocks(chunks, block, n - 1 if name == "row" else 0, dtypes.get(name, np.float32))
+        for name, chunks in parts.items()
+    }
     return padded, np.concatenate(at_x) if at_x else np.zeros(0, np.int32), offset
+
+
+def _in_blocks(chunks: list[np.ndarray], block: int, fill, dtype) -> np.ndarray:
+    """The arrays of ``chunks`` end to end as ``(n_blocks, block)`` (at least one block), the rest ``fill``.
+
+    ``chunks`` is emptied as it is copied, so each chunk can be freed once copied."""
+    size = sum(chunk.size for chunk in chunks)
+    out = np.empty(max(1, -(-size // block)) * block, dtype)
+    at = 0
+    while chunks:
+        chunk = chunks.pop(0)
+        out[at : at + chunk.size] = chunk
+        at += chunk.size
+    out[at:] = fill
+    return out.reshape(-1, block)
 
 
 def _blocks_of(positions: np.ndarray, block: int) -> jax.Array:
     """``positions`` ``(m,)`` as ``(ceil(m / block), block)`` int32, the last block padded with position 0."""
-    n_blocks = max(1, -(-positions.size // block))
-    out = np.zeros(n_blocks * block, np.int32)
-    out[: positions.size] = positions
-    return jnp.asarray(out.reshape(n_blocks, block))
+    return jnp.asarray(_in_blocks([positions], block, 0, np.int32))
 
 
 def calibrated_native_share(

@@ -236,7 +236,7 @@ def test_scar_keeps_the_last_calibration_for_the_same_inputs(monkeypatch) -> Non
     counts or retraining calibrate again, and a reused calibration gives what a fresh one gives."""
     import anndata
 
-    from scar_jax import SCAR, calibration
+    from scar_jax import SCAR
 
     a = simulate_species_mixture(n_cells=60, n_genes=300, seed=1)
     adata = anndata.AnnData(sp.csr_matrix(a.X), obs=a.obs[["species"]].copy())
@@ -423,7 +423,7 @@ def test_implausible_calibrated_noise_ratio_warns(monkeypatch) -> None:
     """Neighbourhoods that mix cell types make 'everything ambient' self-consistent: the user is told."""
     import anndata
 
-    from scar_jax import SCAR, calibration
+    from scar_jax import SCAR
 
     rng = np.random.default_rng(0)
     adata = anndata.AnnData(sp.csr_matrix(rng.poisson(2.0, (40, 30)).astype(np.float32)))

@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 
 from scar_jax import SCAR
-from scar_jax.calibration import calibrate_model, calibrated_split
+from scar_jax.calibration import calibrated_split
+from scar_jax.data import calibrate_model
 from scar_jax.datasets import raw_droplets, simulate, simulate_empty_droplets
 from scar_jax.metrics import denoising_metrics, oracle_split, pearson
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared session on a GPU machine (run from the repository root): environment, the scale benchmark's
-# GPU rows for benchmarks/RESULTS.md, the calibration loop on the device, and the device-sensitive unit tests. Writes logs to $OUT (or /tmp/gpu_out).
+# GPU rows for docs/benchmarks.md, the calibration loop on the device, and the device-sensitive unit tests. Writes logs to $OUT (or /tmp/gpu_out).
 #
 # The machine has no package index: where `.whl/` exists (wheels of the packages missing there, see
-# RESULTS.md) they are installed into /tmp/site first. scar-jax itself runs from src/.
+# docs/benchmarks.md) they are installed into /tmp/site first. scar-jax itself runs from src/.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"

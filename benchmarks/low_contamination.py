@@ -12,7 +12,7 @@ to be ambient. SCAR is trained at default settings with the true ambient profile
 or one estimated from matching empty droplets (``--ambient empty``). Rows:
 
 * ``reference``: the model's noise ratio and the count-preserving split ``get_denoised_counts(method="split")``;
-* ``calibrated``: :func:`scar_jax.calibration.calibrate_model` (noise ratio and native shares from the
+* ``calibrated``: :func:`scar_jax.data.calibrate_model` (noise ratio and native shares from the
   empirical-Bayes posterior on latent neighbourhoods), binomial split with the same seed;
 * ``oracle``: the split with the true noise ratio and profiles.
 
@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from scar_jax import SCAR
-from scar_jax.calibration import calibrate_model
+from scar_jax.data import calibrate_model
 from scar_jax.datasets import raw_droplets, simulate_empty_droplets, simulate_species_mixture
 from scar_jax.metrics import oracle_split, pearson, species_mixture_metrics
 

@@ -3,6 +3,7 @@
 import os
 
 import jax
+import pytest
 from hypothesis import settings
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -16,23 +17,45 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # With `pytest -n 2 --dist loadfile` (README, CI) whole files go to the two workers in collection order, so the
-# longest files (measured on the 2-core CI machine, 2026-12-03) are collected first and the short ones fill the
-# gaps at the end: the longest-first rule for scheduling. Plain `pytest` is unaffected but for the order.
+# longest files are collected first and the short ones fill the gaps at the end: the longest-first rule for
+# scheduling. Order from a full `-n 2` run with --durations on 2 shared cores (2026-12-05; seconds per file, summed
+# over its tests, in brackets). Plain `pytest` is unaffected but for the order.
 LONGEST_FILES_FIRST = (
-    "test_notebooks.py",
-    "test_model.py",
-    "test_real_pbmc.py",
-    "test_posterior.py",
-    "test_cli.py",
-    "test_train.py",
-    "test_validation.py",
-    "test_features.py",
-    "test_calibration.py",
-    "test_parity.py",
-    "test_resume.py",
+    "test_notebooks.py",  # (~485: six notebooks in their own kernels)
+    "test_model.py",  # (~370)
+    "test_calibration.py",  # (~310)
+    "test_parity.py",  # (~230)
+    "test_real_pbmc.py",  # (~225)
+    "test_backed.py",  # (~170)
+    "test_properties.py",  # (~150)
+    "test_cli.py",  # (~140)
+    "test_distributed.py",  # (~110: subprocesses)
+    "test_cli_resume.py",  # (~100: subprocesses)
+    "test_posterior.py",  # (~100)
+    "test_train.py",  # (~100)
+    "test_validation.py",  # (~95)
+    "test_resume.py",  # (~70: subprocesses)
+    "test_features.py",  # (~60)
+    "test_real_citeseq.py",  # (~55)
+    "test_ambient.py",  # (~50)
 )
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session")
+def trained_model():
+    """``(adata, model)``: a small trained model (200 cells x 40 genes, 16 hidden units, 4 latent dimensions, 2 epochs)
+    for the tests that need "a trained model" and not a particular training. Built once per process (per xdist
+    worker) and shared across files: a test must not change it (train it again, re-register its AnnData, ...)."""
+    from scar_jax import SCAR
+    from scar_jax.datasets import simulate
+
+    adata = simulate(n_cells=200, n_genes=40, seed=0)
+    SCAR.setup_anndata(adata)
+    model = SCAR(adata, n_hidden=16, n_latent=4)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    return adata, model

@@ -9,11 +9,18 @@ import scipy.sparse as sp
 import scipy.stats
 
 from scar_jax import SCAR
-from scar_jax.ambient import estimate_ambient_profile, multinomial_log_prob
+from scar_jax.ambient import (
+    estimate_ambient_profile,
+    multinomial_log_prob,
+    posterior_profile,
+    prior_strength,
+    rank_threshold,
+)
 from scar_jax.datasets import raw_droplets, simulate, simulate_empty_droplets
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CITESEQ = SHARED / "dsb_citeseq_87adt_cells_and_empty.h5ad"
+PBMC = SHARED / "pbmc4k_soupx_filtered_with_soup.h5ad"
 
 
 def test_multinomial_log_prob_matches_scipy():
@@ -117,9 +124,98 @@ def test_real_citeseq_per_lane_profiles_and_isotype_controls_reduced():
     # isotype controls are enriched in empty droplets (0.51% of their counts vs 0.10% in cells)
     assert profile[isotype].sum(0).mean() > 2 * cells.X[:, isotype].sum() / cells.X.sum()
     model = SCAR(cells, ambient_profile="ambient_profile", n_latent=10, sparsity=1.0)
-    model.train(max_epochs=60, enable_progress_bar=False)
+    model.train(max_epochs=20, enable_progress_bar=False)  # 20 epochs keep 5.8% of the isotype counts, 82.7% of all
     denoised = model.get_denoised_counts()
     raw_iso = cells.X[:, isotype].sum()
     kept = denoised[:, isotype].sum() / raw_iso
     assert kept < 0.5, kept  # isotype-control counts are ambient: most are removed (measured in README)
     assert denoised.sum() / cells.X.sum() > 0.5
+
+
+def test_prior_strength_is_the_good_turing_missing_mass():
+    counts = np.array([1.0, 1.0, 2.0, 0.0, 0.0, 5.0])  # C = 9, two genes seen once: M = 2/9
+    assert prior_strength(counts) == pytest.approx(9 * (2 / 9) / (1 - 2 / 9), rel=1e-12)  # alpha0 = C M / (1 - M)
+    assert prior_strength(np.array([2.0, 3.0, 0.0])) == 0.0  # nothing seen once: nothing is missing
+    assert prior_strength(np.array([1.0, 2.0, 4.0])) == 0.0  # no unseen gene
+    # against the truth: a multinomial sample of a heavy-tailed profile (log-normal, sd 2), 20,000 draws
+    rng = np.random.default_rng(5)
+    truth = rng.lognormal(0.0, 2.0, 20_000)
+    truth /= truth.sum()
+    sample = rng.multinomial(20_000, truth).astype(float)
+    profile, alpha = posterior_profile(sample, np.ones(sample.size))
+    unseen = sample == 0
+    assert unseen.mean() > 0.3
+    assert profile[unseen].sum() == pytest.approx(truth[unseen].sum(), rel=0.1)  # measured 3% apart
+
+
+def test_posterior_profile_is_the_dirichlet_posterior_mean():
+    counts, prior_mean = np.array([5.0, 0.0, 3.0, 0.0, 0.0]), np.array([0.4, 0.1, 0.2, 0.3, 0.0])
+    profile, alpha = posterior_profile(counts, prior_mean, 2.0)
+    # (c + 2 m') / (8 + 2), m' = the prior mean on the unseen genes renormalised there: (0.25, 0.75, 0)
+    np.testing.assert_allclose(profile, [5 / 10, 0.5 / 10, 3 / 10, 1.5 / 10, 0.0], rtol=1e-12)
+    assert alpha == 2.0
+    np.testing.assert_allclose(posterior_profile(counts, prior_mean, 0.0)[0], counts / 8.0)  # the reference's
+    auto, alpha = posterior_profile(np.array([1.0, 0.0, 3.0, 0.0]), np.array([0.2, 0.3, 0.5, 0.0]))
+    assert alpha == pytest.approx(prior_strength(np.array([1.0, 0.0, 3.0, 0.0])))
+    assert auto[1] > 0 and auto[3] == 0  # zero only where no droplet saw the gene
+
+
+def test_rank_rule_finds_the_cliff_between_cells_and_cell_free_droplets(droplets):
+    cells, raw = droplets
+    totals = np.asarray(raw.X.sum(1)).ravel()
+    threshold = rank_threshold(totals)
+    is_cell = raw.obs["is_cell"].to_numpy()
+    assert (totals[is_cell] >= threshold).mean() > 0.99  # measured: 1.0
+    estimate = estimate_ambient_profile(raw.X)  # prob=None: the rank rule
+    assert estimate.threshold == threshold
+    assert estimate.cell_free[is_cell[estimate.droplets]].mean() < 0.01  # a few of the smallest cells (0.2%)
+    assert estimate.cell_free[~is_cell[estimate.droplets]].mean() > 0.99
+    # it works where the reference's threshold does not: 400 genes (the quick start), prob=0.995 finds nothing
+    small = simulate(n_cells=1500, n_genes=400, seed=0)
+    small_raw = raw_droplets(small, simulate_empty_droplets(small, seed=1))
+    with pytest.raises(ValueError, match="lower prob"):
+        estimate_ambient_profile(small_raw.X, prob=0.995)
+    profile = SCAR.get_ambient_profile(small, small_raw)[:, 0]
+    truth = small.varm["true_ambient_profile"][:, 0]
+    assert np.abs(profile - truth).sum() < 0.1
+
+
+def test_prob_zero_takes_every_droplet_and_bad_prob_is_refused(droplets):
+    _, raw = droplets
+    estimate = estimate_ambient_profile(raw.X, prob=0.0, prior_counts=0)
+    assert estimate.cell_free.all()  # the reference's -inf threshold
+    for bad in (-0.1, 1.0, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="prob"):
+            estimate_ambient_profile(raw.X, prob=bad)
+    with pytest.raises(ValueError, match="prior_counts"):
+        estimate_ambient_profile(raw.X, prior_counts=-1)
+
+
+@pytest.mark.skipif(not PBMC.exists(), reason="shared PBMC data not available")
+def test_real_pbmc_rank_threshold_and_shallow_soup():
+    pbmc = ad.read_h5ad(PBMC)
+    threshold = rank_threshold(np.asarray(pbmc.uns["nDropUMIs"]))
+    # all 272,442 raw barcodes: the cut sits below every filtered cell and above SoupX's soup range (<= 100 UMIs)
+    assert 100 < threshold < pbmc.X.sum(1).min(), threshold
+    soup = pbmc.var["soup_counts"].to_numpy().astype(float)
+    shallow = np.random.default_rng(0).multinomial(50_000, soup / soup.sum()).astype(float)
+    cells = np.asarray(pbmc.X.sum(0)).ravel().astype(float)
+    unseen = shallow == 0
+    assert cells[unseen].sum() / cells.sum() > 0.05  # the trap: 5.5% of the cells' counts on genes the soup missed
+    profile, _ = posterior_profile(shallow, cells / cells.sum())
+    assert (profile[cells > 0] > 0).all()
+    full = soup / soup.sum()
+    assert profile[unseen].sum() == pytest.approx(full[unseen].sum(), rel=0.05)  # Good-Turing 0.054, soup 0.055
+    assert np.abs(profile - full).sum() < np.abs(shallow / shallow.sum() - full).sum()
+
+
+@pytest.mark.skipif(not CITESEQ.exists(), reason="shared CITE-seq data not available")
+def test_real_citeseq_rank_rule_without_prob():
+    adt = ad.read_h5ad(CITESEQ)
+    estimate = estimate_ambient_profile(adt.X)  # 87 ADTs: the reference's rule needs prob=0.01 here
+    is_cell = (adt.obs["droplet"] == "cell").to_numpy()[estimate.droplets]
+    assert estimate.cell_free[~is_cell].mean() > 0.95 and estimate.cell_free[is_cell].mean() < 0.05  # 98.3%, 3.1%
+    isotype = adt.var["isotype_control"].to_numpy().astype(bool)
+    cells = adt.X[(adt.obs["droplet"] == "cell").to_numpy()]
+    # isotype controls: 0.10% of the cells' counts, 0.51% of the empty droplets'; the profile has 0.52%
+    assert estimate.profile[isotype].sum() > 4 * cells[:, isotype].sum() / cells.sum()

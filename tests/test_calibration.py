@@ -9,15 +9,15 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from scar_jax import calibration
+from scar_jax import calibration, data
 from scar_jax.calibration import (
-    calibrate_model,
     calibrated_native_share,
     calibrated_split,
     knn_indices,
     neighbourhood_posterior,
     pool_counts,
 )
+from scar_jax.data import calibrate_model
 from scar_jax.datasets import simulate_species_mixture
 from scar_jax.metrics import species_mixture_metrics
 
@@ -244,8 +244,8 @@ def test_scar_keeps_the_last_calibration_for_the_same_inputs(monkeypatch) -> Non
     model = SCAR(adata, ambient_profile=a.varm["true_ambient_profile"][:, 0], n_hidden=16, n_latent=4, seed=0)
     model.train(max_epochs=2, enable_progress_bar=False)
     calls = []
-    real = calibration.calibrate_model
-    monkeypatch.setattr(calibration, "calibrate_model", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = data.calibrate_model
+    monkeypatch.setattr(data, "calibrate_model", lambda *a, **k: calls.append(k) or real(*a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a 2-epoch model may call most counts ambient
         eps = model.get_noise_ratio(calibrated=True, n_neighbours=10)
@@ -326,7 +326,8 @@ def test_user_facing_knob_defaults_agree() -> None:
     import inspect
 
     from scar_jax import SCAR
-    from scar_jax.calibration import DEFAULT_EXPRESSED_PRIOR_ODDS, calibrate_model
+    from scar_jax.calibration import DEFAULT_EXPRESSED_PRIOR_ODDS
+    from scar_jax.data import calibrate_model
 
     assert DEFAULT_EXPRESSED_PRIOR_ODDS == 0.1
     for fn in (calibrate_model, SCAR.get_denoised_counts, SCAR._calibrated):
@@ -377,7 +378,7 @@ def test_blocked_calibration_matches_dense_reference(chunk_entries, host_entries
     last one), and the stored entries built on the host in chunks of rows (down to one row) give the
     whole-array computation; the share at the observed entries (CSR, the counts' pattern) equals the full
     share there."""
-    monkeypatch.setattr(calibration, "_HOST_ENTRIES", host_entries)
+    monkeypatch.setattr(calibration.blocks, "_HOST_ENTRIES", host_entries)
     a = simulate_species_mixture(n_cells=60, n_genes=400, seed=5)
     nb = _oracle_neighbourhoods(a, 12)
     profile = a.varm["true_ambient_profile"][:, 0]
@@ -438,18 +439,75 @@ def test_implausible_calibrated_noise_ratio_warns(monkeypatch) -> None:
 
     monkeypatch.setattr(calibration, "calibrated_native_share", fake)
     with pytest.warns(UserWarning, match="calibrated mean noise ratio is 0.90.*train longer"):
-        calibration.calibrate_model(model, n_neighbours=5)
+        data.calibrate_model(model, n_neighbours=5)
     fitted["value"] = 0.2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        calibration.calibrate_model(model, n_neighbours=5)  # a plausible value: silent
+        data.calibrate_model(model, n_neighbours=5)  # a plausible value: silent
 
 
 def test_too_many_stored_entries_is_a_clear_error(monkeypatch) -> None:
     """Past the int32 positions of the device arrays the calibration says so (and what to do) before the loop."""
-    monkeypatch.setattr(calibration, "_MAX_ENTRIES", 1000)
-    monkeypatch.setattr(calibration, "_HOST_ENTRIES", 4000)  # chunks of 10 rows: it stops at the first one past
+    monkeypatch.setattr(calibration.blocks, "_MAX_ENTRIES", 1000)
+    monkeypatch.setattr(calibration.blocks, "_HOST_ENTRIES", 4000)  # chunks of 10 rows: it stops at the first one past
     a = simulate_species_mixture(n_cells=60, n_genes=400, seed=5)
     nb = _oracle_neighbourhoods(a, 12)
     with pytest.raises(ValueError, match=r"more than 1,000 stored neighbourhood entries.*method='split'"):
         calibrated_native_share(a.X, nb, a.varm["true_ambient_profile"][:, 0], np.full(a.n_obs, 0.02))
+
+
+def test_calibrate_is_knn_then_calibrated_native_share_from_the_start_noise_ratio() -> None:
+    """The array-level entry point: no model, the latent neighbours checked against the counts, every cell
+    starting at ``START_NOISE_RATIO``; and the core modules do not import anndata."""
+    import subprocess
+    import sys
+
+    adata = simulate_species_mixture(n_cells=60, n_genes=300, seed=3)
+    x = sp.csr_matrix(adata.X)
+    latent = np.random.default_rng(0).normal(size=(60, 4))
+    profile = adata.varm["true_ambient_profile"][:, 0]
+    eps, share = calibration.calibrate(x, latent, profile, n_neighbours=10, share_at="observed")
+    want_eps, want_share = calibrated_native_share(
+        x,
+        calibration.count_checked_neighbours(latent, x, 10),
+        profile,
+        np.full(60, calibration.START_NOISE_RATIO),
+        expressed_prior_odds=calibration.DEFAULT_EXPRESSED_PRIOR_ODDS,
+        share_at="observed",
+    )
+    np.testing.assert_array_equal(eps, want_eps)
+    np.testing.assert_array_equal(share.toarray(), want_share.toarray())
+    code = "import sys, scar_jax.calibration, scar_jax.denoise; sys.exit('anndata' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_hellinger_affinity_matches_a_dense_derivation() -> None:
+    """``h_ij = sum_g sqrt(x_ig x_jg / (N_i N_j))`` against a float64 dense loop; an empty cell has affinity 0."""
+    rng = np.random.default_rng(5)
+    x = rng.poisson(0.7, size=(12, 30)).astype(np.float64)
+    x[4] = 0.0
+    pairs = rng.integers(0, 12, size=(12, 5))
+    got = calibration.hellinger_affinity(sp.csr_matrix(x), pairs)
+    p = x / np.maximum(x.sum(1, keepdims=True), 1.0)
+    want = np.array([[np.sqrt(p[i] * p[j]).sum() for j in row] for i, row in enumerate(pairs)])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(got[4], 0.0)
+    np.testing.assert_allclose(calibration.hellinger_affinity(x, pairs), got, rtol=1e-12)  # dense input too
+
+
+def test_count_checked_neighbours_drop_latent_neighbours_of_another_species() -> None:
+    """A latent space that mixes the species (random vectors): the latent neighbourhoods are about half foreign;
+    checked against the counts, none is; the cell itself stays first, ``candidates=1`` is the latent search."""
+    adata = simulate_species_mixture(n_cells=80, n_genes=400, seed=4)
+    x = sp.csr_matrix(adata.X)
+    species = adata.obs["species"].cat.codes.to_numpy()
+    latent = np.random.default_rng(1).normal(size=(80, 5))
+    plain = knn_indices(latent, 10)
+    checked = calibration.count_checked_neighbours(latent, x, 10, candidates=6)
+    assert (species[plain] != species[:, None]).mean() > 0.3
+    assert (species[checked] != species[:, None]).mean() == 0.0
+    np.testing.assert_array_equal(checked[:, 0], np.arange(80))
+    assert all(set(c) <= set(p) for c, p in zip(checked, knn_indices(latent, 60), strict=True))  # among the candidates
+    np.testing.assert_array_equal(calibration.count_checked_neighbours(latent, x, 10, candidates=1), plain)
+    with pytest.raises(ValueError, match="candidates must be a positive integer"):
+        calibration.count_checked_neighbours(latent, x, 10, candidates=0)

@@ -182,6 +182,8 @@ DENOISE_OPTIONS = [
     "--cutoff",
     "--moi",
     "--genome",
+    "--model-dir",
+    "--resume",
     "--overwrite",
     "--quiet",
 ]
@@ -374,7 +376,7 @@ def test_denoise_help_documents_every_option(capsys):
         (["--feature-type", "protein"], "unknown feature type 'protein'"),
         (["--feature-type", "CMO"], "has no CMO features ('Multiplexing Capture')"),
         (["--sparsity", "0"], "--sparsity must be in (0, 1]"),
-        (["--prob", "1.5"], "--prob must be in (0, 1)"),
+        (["--prob", "1.5"], "--prob must be in [0, 1)"),
         (["--epochs", "0"], "--epochs must be a positive integer"),
         (["--batch-key", "lane"], "--batch-key 'lane' is not a column"),
         (["--prob", "0.999"], "cell-free droplets found"),

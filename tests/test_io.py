@@ -17,24 +17,21 @@ import pytest
 import scar_jax
 from scar_jax import io as scar_io
 from scar_jax import train as scar_train
-from scar_jax.datasets import simulate
 from scar_jax.vae import init_variables
 
 N_CELLS, N_GENES = 200, 40
 
 
 @pytest.fixture(scope="module")
-def adata():
-    ad = simulate(n_cells=N_CELLS, n_genes=N_GENES, seed=0)
-    scar_jax.SCAR.setup_anndata(ad)
+def adata(trained_model):
+    ad, _ = trained_model  # conftest: simulate(n_cells=N_CELLS, n_genes=N_GENES, seed=0), set up
+    assert ad.shape == (N_CELLS, N_GENES)
     return ad
 
 
 @pytest.fixture(scope="module")
-def model(adata):
-    m = scar_jax.SCAR(adata, n_hidden=16, n_latent=4)
-    m.train(max_epochs=2, enable_progress_bar=False)
-    return m
+def model(trained_model):
+    return trained_model[1]  # conftest: n_hidden=16, n_latent=4, 2 epochs; shared: not to be changed
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +110,7 @@ def test_round_trip_attributes_identical(saved_dir, adata, model):
         assert len(frame) == 2  # two epochs
         np.testing.assert_array_equal(loaded.history[name].to_numpy(), frame.to_numpy())
     assert loaded.training_time_s == model.training_time_s
-    assert_tree_equal(loaded._variables, model._variables)
+    assert_tree_equal(loaded.variables, model.variables)
     assert_tree_equal(with_key_data(loaded._state), with_key_data(model._state))
 
 
@@ -148,7 +145,7 @@ def test_two_prefixes_in_one_directory(model, untrained, adata, outputs, tmp_pat
     assert a.is_trained and not b.is_trained
     assert b.seed == 7
     assert_same_outputs(a, outputs)
-    assert_tree_equal(b._variables, untrained._variables)
+    assert_tree_equal(b.variables, untrained.variables)
     with pytest.raises(ValueError, match="lacks manifest.json"):
         scar_jax.SCAR.load(str(path), adata=adata)  # no unprefixed files
 
@@ -200,7 +197,7 @@ def test_untrained_round_trip(untrained, adata, tmp_path):
     assert loaded.history == {}
     assert len(loaded.train_indices) == 0
     np.testing.assert_array_equal(loaded.ambient_profile, untrained.ambient_profile)
-    assert_tree_equal(loaded._variables, untrained._variables)
+    assert_tree_equal(loaded.variables, untrained.variables)
     with pytest.raises(RuntimeError, match="not trained"):
         loaded.get_latent_representation()
 

@@ -170,7 +170,7 @@ def _small(x_format="csr", seed=0, **kw):
 
 
 def _leaves(model):
-    return [np.asarray(a) for a in jax.tree.leaves(model._variables)]
+    return [np.asarray(a) for a in jax.tree.leaves(model.variables)]
 
 
 def test_same_seed_identical_other_seed_differs():
@@ -328,7 +328,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(TypeError, match="plan_kwargs"):
         model.train(max_epochs=1, plan_kwargs={"learning_rate": 1e-3})
     with pytest.raises(TypeError, match="trainer keywords"):
-        model.train(max_epochs=1, gradient_clip_val=1.0)
+        model.train(max_epochs=1, gradient_clip=1.0)  # a misspelt Lightning keyword
     with pytest.raises(ValueError, match="max_epochs"):
         model.train(max_epochs=0)
     with pytest.raises(ValueError, match="accelerator"):
@@ -377,7 +377,7 @@ def test_setup_record_api(capsys):
         model.get_from_registry(adata, "labels").ravel(), adata.obs["cell_type"].cat.codes.to_numpy()
     )
     assert (model.get_from_registry(adata, "X") != adata.X).nnz == 0
-    assert model.data_registry["batch"] == {"attr_name": "obs", "attr_key": "batch"}
+    assert model.data_registry()["batch"] == {"attr_name": "obs", "attr_key": "batch"}
     model.view_setup_args()
     model.view_anndata_setup()
     out = capsys.readouterr().out

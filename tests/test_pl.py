@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scar_jax import SCAR, pl
+from scar_jax import pl
 from scar_jax.ambient import estimate_ambient_profile
 from scar_jax.datasets import raw_droplets, simulate, simulate_empty_droplets
 
@@ -39,12 +39,8 @@ def test_knee_plot_marks_cells_and_cell_free_droplets(droplets):
 
 
 @pytest.fixture(scope="module")
-def model(droplets):
-    cells, _ = droplets
-    SCAR.setup_anndata(cells)
-    model = SCAR(cells, n_hidden=16, n_latent=4)
-    model.train(max_epochs=3, enable_progress_bar=False)
-    return model
+def model(trained_model):
+    return trained_model[1]  # conftest: a small trained model, shared: not to be changed
 
 
 def _save_png(ax, path):
@@ -60,7 +56,7 @@ def test_history_plot(model, tmp_path):
     ax = pl.history(model)
     lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
     np.testing.assert_allclose(lines["elbo_train"], model.history["elbo_train"]["elbo_train"])
-    assert len(lines["elbo_validation"]) == 3
+    assert len(lines["elbo_validation"]) == 2  # one per epoch (the shared model: 2 epochs)
     _save_png(ax, tmp_path / "history.png")
 
 
@@ -155,3 +151,94 @@ def test_denoised_expression_single_gene_no_groups_and_errors(droplets):
     with pytest.raises(ValueError, match="layer 'scar' not found"):
         pl.denoised_expression(adata, gene, denoised_layer="scar")
     plt.close("all")
+
+
+# ---------------------------------------------------------------------------------------------- labels fit
+def drawn_texts(fig) -> list:
+    """The texts a saved figure shows: tick labels inside the view limits, axis labels, titles, texts, legends."""
+    fig.canvas.draw()
+    texts = []
+    for ax in fig.axes:
+        for axis, lim in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            lo, hi = sorted(lim)
+            for minor in (False, True):
+                locs = axis.get_minorticklocs() if minor else axis.get_majorticklocs()
+                labels = axis.get_ticklabels(minor=minor)
+                texts += [t for loc, t in zip(locs, labels, strict=False) if lo - 1e-9 <= loc <= hi + 1e-9]
+        texts += [ax.xaxis.label, ax.yaxis.label, ax.title, *ax.texts]
+        if ax.get_legend() is not None:
+            texts += ax.get_legend().get_texts()
+    return [t for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+def assert_labels_fit(ax, path):
+    """Saved as PNG; no two texts' bounding boxes overlap, and every text is inside the figure (not cut)."""
+    fig = ax.figure
+    texts = drawn_texts(fig)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    overlaps = [
+        (texts[i].get_text(), texts[j].get_text())
+        for i in range(len(texts))
+        for j in range(i + 1, len(texts))
+        if boxes[i].overlaps(boxes[j])
+    ]
+    assert not overlaps, overlaps
+    width, height = fig.bbox.width, fig.bbox.height
+    cut = [
+        t.get_text()
+        for t, b in zip(texts, boxes, strict=True)
+        if b.x0 < -1 or b.y0 < -1 or b.x1 > width + 1 or b.y1 > height + 1
+    ]
+    assert not cut, cut
+    _save_png(ax, path)
+
+
+@pytest.fixture(scope="module")
+def twelve():
+    """12 cell types with long names, 30 genes with long names, the truth as the denoised layer."""
+    cells = simulate(n_cells=360, n_genes=30, n_cell_types=12, seed=4)
+    adata = anndata.AnnData(X=cells.X, obs=cells.obs.copy())
+    adata.var_names = [f"LONG-GENE-NAME-{i}" for i in range(adata.n_vars)]
+    adata.layers["denoised"] = sp.csr_matrix(cells.layers["native"])
+    adata.obs["noise_ratio"] = np.random.default_rng(0).beta(2, 10, adata.n_obs)
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.rename_categories(lambda c: f"cell type {c} (long)")
+    return adata
+
+
+def first_groups(adata, n: int):
+    keep = adata.obs["cell_type"].isin(adata.obs["cell_type"].cat.categories[:n]).to_numpy()
+    return adata[keep].copy()
+
+
+@pytest.mark.parametrize("n", [1, 4, 12])
+def test_noise_ratio_labels_fit(twelve, tmp_path, n):
+    adata = first_groups(twelve, n)
+    ax = pl.noise_ratio(adata, groupby="cell_type")
+    assert len(ax.get_xticklabels()) == n and ax.get_ylabel() and ax.get_xlabel() == "cell_type"
+    assert_labels_fit(ax, tmp_path / "noise_ratio.png")
+    assert_labels_fit(pl.noise_ratio(adata, kind="box"), tmp_path / "noise_ratio_all.png")
+
+
+@pytest.mark.parametrize("n", [1, 4, 12])
+def test_denoised_expression_labels_fit(twelve, tmp_path, n):
+    genes = list(twelve.var_names[:n])
+    ax = pl.denoised_expression(twelve, genes)  # n genes, one group
+    assert [t.get_text() for t in ax.texts] == genes
+    assert_labels_fit(ax, tmp_path / "genes.png")
+    ax = pl.denoised_expression(first_groups(twelve, n), genes[:4], groupby="cell_type")  # n groups, <= 4 genes
+    assert_labels_fit(ax, tmp_path / "groups.png")
+    fig, ax = plt.subplots(figsize=(5, 4), layout="constrained")  # an ax of the user's: names turned to fit
+    assert_labels_fit(pl.denoised_expression(twelve, genes, ax=ax), tmp_path / "given_ax.png")
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_history_and_knee_plot_labels_fit(model, droplets, tmp_path, n):
+    keys = tuple(k for k in model.history if k != "kl_weight")[:n]  # 8 curves are all there are
+    assert len(keys) == n
+    ax = pl.history(model, keys=keys)
+    assert len(ax.get_lines()) == n
+    assert_labels_fit(ax, tmp_path / "history.png")
+    if n == 1:
+        cells, raw = droplets
+        assert_labels_fit(pl.knee_plot(raw, cells, prob=0.5), tmp_path / "knee.png")

@@ -26,17 +26,15 @@ N_CELLS, N_GENES, N_LATENT = 200, 40, 4
 
 
 @pytest.fixture(scope="module")
-def adata():
-    ad = simulate(n_cells=N_CELLS, n_genes=N_GENES, seed=0)
-    scar_jax.SCAR.setup_anndata(ad)
+def adata(trained_model):
+    ad, _ = trained_model  # conftest: simulate(n_cells=N_CELLS, n_genes=N_GENES, seed=0), set up
+    assert ad.shape == (N_CELLS, N_GENES)
     return ad
 
 
 @pytest.fixture(scope="module")
-def model(adata):
-    m = scar_jax.SCAR(adata, n_hidden=16, n_latent=N_LATENT)
-    m.train(max_epochs=2, enable_progress_bar=False)
-    return m
+def model(trained_model):
+    return trained_model[1]  # conftest: n_hidden=16, n_latent=4, 2 epochs; shared: not to be changed
 
 
 @pytest.fixture(scope="module")
@@ -298,13 +296,13 @@ def test_functional_elbo_terms_match_method(model, adata):
 
 
 def native_share(model, x: np.ndarray, keys: jax.Array, draw: int) -> np.ndarray:
-    """w = (1 - eps) phi / ((1 - eps) phi + eps a), rebuilt in float64 from the functional core."""
+    """w = (1 - eps) phi / ((1 - eps) phi + eps a) (1 where eps a = 0), rebuilt in float64 from the functional core."""
     keys_s = jax.vmap(jax.random.fold_in, (0, None))(keys, draw)
     out = forward_eval(model, x, keys_s)
     eps = np.asarray(out.noise_ratio, np.float64)
     native = (1.0 - eps) * np.asarray(out.native_frequencies, np.float64)
-    total = native + eps * np.asarray(model.ambient_profile, np.float64)[:1]
-    return np.where(total > 0, native / np.where(total > 0, total, 1.0), 0.0)
+    background = eps * np.asarray(model.ambient_profile, np.float64)[:1]
+    return np.where(background > 0, native / np.where(background > 0, native + background, 1.0), 1.0)
 
 
 def test_split_mean_is_the_observed_count_times_the_native_share(model, adata):
@@ -505,16 +503,26 @@ def test_importance_weights_recover_the_exact_aggregate_posterior(tiny_latent):
 
 def test_importance_weighted_expression_and_de(model, adata):
     frame = model.get_normalized_expression(
-        indices=np.arange(50), n_samples=2, n_samples_overall=300, weights="importance", library_size=1e4,
-        n_mc_samples=20, seed=0,
+        indices=np.arange(50),
+        n_samples=2,
+        n_samples_overall=300,
+        weights="importance",
+        library_size=1e4,
+        n_mc_samples=20,
+        seed=0,
     )
     assert frame.shape == (300, N_GENES)
     np.testing.assert_allclose(frame.to_numpy().sum(1), 1e4, rtol=1e-4)
     with pytest.raises(TypeError, match="get_importance_weights"):
         model.get_normalized_expression(indices=np.arange(5), weights="importance", n_samples_overall=5, foo=1)
     de = model.differential_expression(
-        groupby="cell_type", group1="type_0", group2="type_1", weights="importance",
-        importance_weighting_kwargs={"n_mc_samples": 10, "max_cells": 32}, n_samples_overall=500, silent=True,
+        groupby="cell_type",
+        group1="type_0",
+        group2="type_1",
+        weights="importance",
+        importance_weighting_kwargs={"n_mc_samples": 10, "max_cells": 32},
+        n_samples_overall=500,
+        silent=True,
     )
     assert len(de) == N_GENES and np.isfinite(de["bayes_factor"]).all()
     with pytest.raises(TypeError, match="importance_weighting_kwargs"):

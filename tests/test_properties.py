@@ -28,13 +28,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
 import scipy.special as sps
 import scipy.stats as st
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 from hypothesis.extra.numpy import arrays
 
-from scar_jax import posterior
+from scar_jax import denoise, posterior
 from scar_jax.likelihoods import NB_EPS, PROBS_EPS, RATE_FLOOR, make_likelihood
 from scar_jax.vae import Batch, SCARConfig, init_variables
 
@@ -243,10 +244,15 @@ def cell_keys(seed: int, n: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(n, dtype=jnp.uint32))
 
 
-@jax.jit
-def split_core(x, native_frequencies, noise_ratio, ambient, keys):
-    share = posterior.native_share(native_frequencies, noise_ratio, ambient)
-    return share, posterior.split_counts(x, share, keys)
+def split_core(x, native_frequencies, noise_ratio, ambient, seed):
+    """The model's share (:func:`scar_jax.denoise.native_share`) and its split at the stored counts, one NumPy
+    stream per cell (:func:`scar_jax.denoise.binomial_split`, what ``method="split"`` draws)."""
+    share = np.asarray(jax.jit(denoise.native_share)(native_frequencies, noise_ratio, ambient))  # as it runs
+    counts = sp.csr_matrix(x)
+    at = sp.csr_matrix((share[counts.nonzero()], counts.indices, counts.indptr), shape=counts.shape)
+    draws = denoise.binomial_split(counts, at, np.arange(x.shape[0]), seed, 0)
+    out = sp.csr_matrix((draws, counts.indices, counts.indptr), shape=counts.shape).toarray()
+    return share, out
 
 
 unit = hs.one_of(hs.sampled_from([0.0, 1.0]), hs.floats(0.0, 1.0, width=32))
@@ -269,14 +275,14 @@ def assert_count_preserving(denoised: np.ndarray, x: np.ndarray) -> None:
 )
 def test_split_core_keeps_counts_between_zero_and_raw(x, native_frequencies, noise_ratio, ambient, seed):
     """Any native frequencies, noise ratios and ambient profile (zeros, ones, unnormalised)."""
-    keys = cell_keys(seed, N_CELLS)
     xf = f32(x)
-    share, denoised = (np.asarray(a) for a in split_core(xf, native_frequencies, noise_ratio, ambient, keys))
+    share, denoised = split_core(xf, native_frequencies, noise_ratio, ambient, seed)
     assert ((share >= 0) & (share <= 1)).all()
+    assert (share[(noise_ratio * ambient) == 0] == 1).all()  # a count the ambient cannot produce is native
     assert_count_preserving(denoised, xf)
     np.testing.assert_array_equal(denoised[share == 1], xf[share == 1])  # all native: every count kept
     assert (denoised[share == 0] == 0).all()  # all ambient: every count removed
-    again = np.asarray(split_core(xf, native_frequencies, noise_ratio, ambient, keys)[1])
+    again = split_core(xf, native_frequencies, noise_ratio, ambient, seed)[1]
     np.testing.assert_array_equal(denoised, again)  # reproducible for the same keys
 
 
@@ -293,10 +299,11 @@ def network() -> tuple[SCARConfig, dict]:
     hs.integers(0, 2**31 - 1),
     arrays(np.float64, (2, N_GENES), elements=hs.one_of(hs.just(0.0), hs.floats(1e-6, 1.0))),
 )
-def test_denoised_counts_posterior_split_keeps_counts_between_zero_and_raw(x, weight_scale, seed, ambient):
-    """The jitted ``denoised_counts_posterior_split`` (median of 3 draws) with random networks (weights
-    scaled up to 30x, so noise ratios and native frequencies reach 0 and 1), random raw counts and two
-    ambient profiles (one per batch, with zeros). The single-draw path is ``split_counts``, above."""
+def test_native_share_at_counts_split_keeps_counts_between_zero_and_raw(x, weight_scale, seed, ambient):
+    """The jitted ``native_share_at_counts`` split by ``binomial_split`` (``method="split"``) and the split's
+    mean ``denoised_counts_split_mean`` (3 draws) with random networks (weights scaled up to 30x, so noise
+    ratios and native frequencies reach 0 and 1), random raw counts and two ambient profiles (one per batch,
+    with zeros)."""
     config, variables = network()
     leaves, tree = jax.tree.flatten(variables["params"])
     noise = jax.random.split(jax.random.key(seed), len(leaves))
@@ -312,10 +319,57 @@ def test_denoised_counts_posterior_split_keeps_counts_between_zero_and_raw(x, we
     )
     keys = cell_keys(seed, N_CELLS)
 
-    def denoise():
-        out = posterior.denoised_counts_posterior_split(config, variables, batch, ambient, 3, True, keys)
-        return np.asarray(out)
+    def split():
+        share = np.asarray(posterior.native_share_at_counts(config, variables, batch, ambient, 0, keys))
+        counts = sp.csr_matrix(xf)
+        at = sp.csr_matrix((share[counts.nonzero()], counts.indices, counts.indptr), shape=counts.shape)
+        draws = denoise.binomial_split(counts, at, np.arange(N_CELLS), seed, 0)
+        return sp.csr_matrix((draws, counts.indices, counts.indptr), shape=counts.shape).toarray()
 
-    denoised = denoise()
+    denoised = split()
     assert_count_preserving(denoised, xf)
-    np.testing.assert_array_equal(denoised, denoise())  # reproducible for the same keys
+    np.testing.assert_array_equal(denoised, split())  # reproducible for the same seed
+    mean = np.asarray(posterior.denoised_counts_split_mean(config, variables, batch, ambient, 3, keys))
+    assert np.isfinite(mean).all() and (mean >= 0).all() and (mean <= xf * (1 + 1e-6)).all()
+    assert (mean[xf == 0] == 0).all()
+
+
+# ---------------------------------------------------------------- calibration with ambient zeros
+
+CAL_CELLS, CAL_GENES, CAL_ADDED = 10, 12, 4
+
+
+@settings(max_examples=15, deadline=None)
+@given(hs.integers(0, 2**31 - 1), hs.floats(0.1, 0.6), hs.booleans())
+def test_calibration_with_ambient_zeros(seed, zero_fraction, sparse):
+    """Random sparse profiles and counts: a count of a gene with ``a_g = 0`` is native (share exactly 1); adding
+    such genes leaves every other share and each cell's ambient counts ``eps_i N_i`` unchanged, and the noise
+    ratio itself unchanged where the added genes have no counts."""
+    from scar_jax.calibration import calibrated_native_share
+
+    rng = np.random.default_rng(seed)
+    profile = rng.dirichlet(np.full(CAL_GENES, 0.5)) * (rng.random(CAL_GENES) > zero_fraction)
+    profile[rng.integers(CAL_GENES)] += 0.1  # at least one gene the ambient can produce
+    x = rng.poisson(rng.gamma(0.5, 4.0, (CAL_CELLS, CAL_GENES))).astype(np.float64)
+    x[:, 0] += 1  # no empty cell
+    neighbours = np.c_[np.arange(CAL_CELLS), rng.integers(0, CAL_CELLS, (CAL_CELLS, 2))]
+    start = np.full(CAL_CELLS, 0.05)
+
+    def run(counts, a):
+        eps, w = calibrated_native_share(
+            sp.csr_matrix(counts) if sparse else counts, neighbours, a, start, n_iter=20, share_at="observed"
+        )
+        return eps, (w.toarray() if sp.issparse(w) else w)
+
+    eps, share = run(x, profile)
+    assert (share[(x > 0) & (profile == 0)[None, :]] == 1.0).all()
+    added = rng.poisson(3.0, (CAL_CELLS, CAL_ADDED)).astype(np.float64)
+    wider = np.zeros(CAL_GENES + CAL_ADDED)
+    wider[:CAL_GENES] = profile
+    for extra in (np.zeros_like(added), added):
+        eps2, share2 = run(np.c_[x, extra], wider)
+        np.testing.assert_array_equal(share2[:, CAL_GENES:][extra > 0], 1.0)
+        np.testing.assert_allclose(share2[:, :CAL_GENES][x > 0], share[x > 0], rtol=1e-6)
+        library, library2 = x.sum(1), x.sum(1) + extra.sum(1)
+        np.testing.assert_allclose(eps2 * library2, eps * library, rtol=1e-6)
+    np.testing.assert_allclose(run(np.c_[x, np.zeros_like(added)], wider)[0], eps, rtol=1e-6)

@@ -212,13 +212,13 @@ for devices in (1, 4):
     out[devices] = {
         "elbo_train": model.history["elbo_train"].to_numpy().ravel().tolist(),
         "elbo_validation": model.history["elbo_validation"].to_numpy().ravel().tolist(),
-        "params": [np.asarray(leaf).ravel().tolist() for leaf in jax.tree.leaves(model._variables)],
+        "params": [np.asarray(leaf).ravel().tolist() for leaf in jax.tree.leaves(model.variables)],
         "device": str(model.device),
     }
 # the compiled epoch really splits minibatches: its HLO all-reduces (gradients and BatchNorm moments)
 tx, epoch, _ = train.compiled_training(model.config, 128, devices=tuple(jax.devices()))
 mesh_sharding = jax.sharding.NamedSharding(train.data_parallel_mesh(tuple(jax.devices())), jax.sharding.PartitionSpec())
-state = jax.device_put(train.init_train_state(model._variables, tx, jax.random.key(0)), mesh_sharding)
+state = jax.device_put(train.init_train_state(model.variables, tx, jax.random.key(0)), mesh_sharding)
 data = train.CellData(
     jax.device_put(train.DenseCounts(jnp.ones((256, 60))), mesh_sharding),
     jax.device_put(jnp.full((256, 1), 60.0), mesh_sharding),

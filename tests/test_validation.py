@@ -432,7 +432,7 @@ def test_adversarial_but_valid_data_trains_without_nan(likelihood):
     model.train(max_epochs=15, batch_size=32, enable_progress_bar=False)
     losses = np.array([row["train_loss_epoch"] for row in model.history_rows])
     assert np.isfinite(losses).all()
-    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(model._variables))
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(model.variables))
     assert np.isfinite(model.get_elbo(return_mean=False)).all()
     noise = model.get_noise_ratio()
     assert np.isfinite(noise).all() and ((noise >= 0) & (noise <= 1)).all()
@@ -491,7 +491,7 @@ def test_genes_with_zero_counts_train_to_finite_results(likelihood):
     assert (model.ambient_profile[:, [0, 3, 7]] == 0).all()
     model.train(max_epochs=5, batch_size=16, train_size=1.0, enable_progress_bar=False)  # no validation compile
     assert np.isfinite([row["train_loss_epoch"] for row in model.history_rows]).all()
-    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(model._variables))
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(model.variables))
     denoised = model.get_denoised_counts().toarray()
     assert (denoised[:, [0, 3, 7]] == 0).all() and (denoised <= dense(adata)).all()
 

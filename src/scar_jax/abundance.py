@@ -189,6 +189,7 @@ def _pad_rows(array: np.ndarray, n_rows: int, value: float) -> np.ndarray:
     return np.concatenate([array, np.full((pad, *array.shape[1:]), value, array.dtype)])
 
 
+# long: the parameter reference (about 50 lines of docstring); the body is about 50 lines
 def differential_abundance(
     sample_labels: Sequence[Any] | pd.Series | np.ndarray,
     means: Any,

@@ -15,9 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import cli_demo
 
 ASSIGNED_TYPES = ("sgRNA", "tag", "CMO")
 
@@ -35,91 +41,6 @@ def _fail(err: BaseException) -> int:
     return 1
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import jax
-    import numpy as np
-
-    from . import __version__
-    from .calibration import calibrate_model, calibrated_split
-    from .datasets import raw_droplets, simulate, simulate_empty_droplets
-    from .metrics import denoising_metrics, pearson, pseudobulk_l1
-    from .model import SCAR
-
-    say = (lambda *a: None) if args.quiet else print
-    say(f"scar-jax {__version__} demo on {jax.devices()[0].platform.upper()} ({jax.devices()[0].device_kind})")
-    t0 = time.perf_counter()
-    adata = simulate(n_cells=args.n_cells, n_genes=args.n_genes, noise_ratio_mean=args.noise_ratio, seed=args.seed)
-    empty = simulate_empty_droplets(adata, n_droplets=args.n_empty, library_size_mean=100.0, seed=args.seed)
-    raw = raw_droplets(adata, empty)
-    sim = adata.uns["simulation"]
-    say(
-        f"simulated {adata.n_obs} cells x {adata.n_vars} genes ({sim['n_cell_types']} cell types, "
-        f"{adata.X.nnz / (adata.n_obs * adata.n_vars):.1%} non-zero, mean true noise ratio "
-        f"{adata.obs['noise_ratio'].mean():.3f}) and {empty.n_obs} empty droplets ({time.perf_counter() - t0:.1f} s)"
-    )
-    SCAR.setup_anndata(adata)
-    profile = SCAR.get_ambient_profile(adata, raw, prob=args.prob, seed=args.seed)[:, 0]
-    truth = adata.varm["true_ambient_profile"][:, 0]
-    say(f"ambient profile from the raw droplets: L1 distance to the true profile {np.abs(profile - truth).sum():.3f}")
-    model = SCAR(adata, ambient_profile="ambient_profile", gene_likelihood=args.likelihood, seed=args.seed)
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, enable_progress_bar=not args.quiet)
-    history = model.history
-    n_epochs = len(history["elbo_train"])
-    n_train = len(model.train_indices)
-    elbo = history["elbo_train"].iloc[:, 0]
-    say(
-        f"trained {n_epochs} epochs on {n_train} cells in {model.training_time_s:.1f} s "
-        f"({n_epochs * n_train / model.training_time_s:,.0f} cells/s, compilation included); "
-        f"negative ELBO per cell {elbo.iloc[0]:.1f} -> {elbo.iloc[-1]:.1f} "
-        f"(validation {history['elbo_validation'].iloc[-1, 0]:.1f})"
-    )
-    noise_ratio = model.get_noise_ratio()
-    true_noise = adata.obs["noise_ratio"].to_numpy()
-    say(
-        f"noise ratio: Pearson r with the truth {pearson(noise_ratio, true_noise):.3f}; "
-        f"mean estimated {noise_ratio.mean():.3f} vs true {true_noise.mean():.3f}"
-    )
-    # one calibration for the noise ratio and the default denoising (what get_denoised_counts() does)
-    calibrated_noise, share = calibrate_model(model, share_at="observed")
-    say(
-        f"calibrated noise ratio (the default denoising's): Pearson r with the truth "
-        f"{pearson(calibrated_noise, true_noise):.3f}; mean {calibrated_noise.mean():.3f}"
-    )
-    native, groups = adata.layers["native"], adata.obs["cell_type"].to_numpy()
-    results = {}
-    labels = {
-        "calibrated": "count-preserving, calibrated (default)",
-        "split": "count-preserving split of the model's posterior",
-        "expected": "'expected' (scvi-tools reference)",
-    }
-    for method, label in labels.items():
-        if method == "calibrated":
-            results[method] = calibrated_split(adata.X, share, seed=args.seed)
-        else:
-            results[method] = model.get_denoised_counts(method=method, seed=args.seed)
-        m = denoising_metrics(adata.X, results[method], native)
-        pb = pseudobulk_l1(adata.X, results[method], native, groups)
-        say(
-            f"denoised, {label}:\n"
-            f"  ambient counts removed {m['ambient_removed_entrywise']:.1%}, native counts kept "
-            f"{m['native_retained']:.1%}, entries above the observed count {m['above_raw']:.2%}, "
-            f"new non-zeros {m['new_nonzeros']:.2%}\n"
-            f"  L1 distance to the true native counts {m['l1_denoised']:,.0f} vs {m['l1_raw']:,.0f} raw; "
-            f"per-cell-type profiles {pb['l1_denoised']:,.0f} vs {pb['l1_raw']:,.0f} raw "
-            f"({pb['l1_improvement']:.1%} closer)"
-        )
-    if args.output:
-        adata.obsm["X_scAR"] = model.get_latent_representation()
-        adata.obs["noise_ratio_scar"] = noise_ratio
-        adata.obs["noise_ratio_calibrated"] = calibrated_noise
-        adata.layers["denoised"] = results["calibrated"]
-        adata.layers["denoised_split"] = results["split"]
-        adata.layers["denoised_expected"] = results["expected"]
-        adata.write_h5ad(args.output)
-        say(f"wrote {args.output}")
-    return 0
-
-
 def _check_output(path: str, overwrite: bool) -> Path:
     out = Path(path)
     if out.suffix != ".h5ad":
@@ -129,6 +50,43 @@ def _check_output(path: str, overwrite: bool) -> Path:
     if out.is_dir() or (out.exists() and not overwrite):
         raise ValueError(f"--output {path!r} exists; pass --overwrite to replace it")
     return out
+
+
+def _check_model_dir(args: argparse.Namespace, out: Path) -> Path:
+    """``--model-dir`` (default ``OUTPUT`` with ``.model`` for ``.h5ad``), checked before any work.
+
+    A saved model there is reused with ``--resume``, replaced with ``--overwrite``, else an error; a folder
+    that is not a scar-jax model is never touched.
+    """
+    from . import io as _io
+
+    model_dir = Path(args.model_dir) if args.model_dir is not None else out.with_suffix(".model")
+    if not model_dir.parent.is_dir():
+        raise ValueError(f"--model-dir: folder {str(model_dir.parent)!r} does not exist")
+    if model_dir.exists() and not _io.has_model(model_dir):
+        if not model_dir.is_dir() or any(model_dir.iterdir()):
+            raise ValueError(f"--model-dir {str(model_dir)!r} exists and is not a scar-jax model; choose another path")
+    elif _io.has_model(model_dir) and not args.resume:
+        if not args.overwrite:
+            raise ValueError(
+                f"--model-dir {str(model_dir)!r} holds a saved model; pass --resume to denoise with it (no "
+                "training), or --overwrite to train again"
+            )
+        shutil.rmtree(model_dir)
+    return model_dir
+
+
+def _saved_model(model_dir: Path) -> tuple[int, Any]:
+    """Epochs in the history of the model saved in ``model_dir`` and its ambient profile ``(n_batches, G)``
+    (0 and ``None`` when there is none)."""
+    import flax.serialization
+
+    from . import io as _io
+
+    if not _io.has_model(model_dir):
+        return 0, None
+    manifest, state_bytes, _ = _io.read_model_dir(model_dir)
+    return len(manifest["history"]), flax.serialization.msgpack_restore(state_bytes)["ambient_profile"]
 
 
 def _denoise(args: argparse.Namespace) -> int:
@@ -143,34 +101,70 @@ def _denoise(args: argparse.Namespace) -> int:
 
 def _run_denoise(args: argparse.Namespace) -> int:
     out = _check_output(args.output, args.overwrite)
-    if args.sparsity is not None and not 0.0 < args.sparsity <= 1.0:
-        raise ValueError(f"--sparsity must be in (0, 1], got {args.sparsity}")
-    if not 0.0 < args.prob < 1.0:
-        raise ValueError(f"--prob must be in (0, 1), got {args.prob}")
-    for name in ("epochs", "batch_size", "moi"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    model_dir = _check_model_dir(args, out)
+    _check_denoise_options(args)
 
-    from . import readers
+    from . import __version__, readers
+    from .distributed import select_device as _select_device
 
     feature_type, tenx_types = readers.resolve_feature_type(args.feature_type)
-
-    import anndata
-    import numpy as np
-    import scipy.sparse as sp
-
-    from . import __version__
-    from .calibration import calibrate_model, calibrated_split
-    from .model import SCAR
-    from .setup_record import select_device as _select_device
-
     say = (lambda *a: None) if args.quiet else print
     try:
         device = _select_device(args.device, "auto")  # a missing GPU fails before any work
     except ValueError as err:
         raise ValueError(f"--device {args.device}: no GPU visible to JAX (pip install 'jax[cuda12]')") from err
     say(f"scar-jax {__version__} denoise: {feature_type} ({' or '.join(tenx_types)} features) on {device.platform}")
+    adata, raw, library = _read_cells(args, feature_type, say)
+    model, n_epochs = _trained_model(args, adata, raw, feature_type, model_dir, say)
+    method = args.method or model.default_denoising_method
+    noise_ratio, denoised = _denoised(model, adata, method, args.seed)
+    adata.layers["denoised"] = denoised
+    adata.obs["noise_ratio"] = noise_ratio
+    adata.obsm["X_scAR"] = model.get_latent_representation()
+    kept = float(denoised.sum()) / max(float(library.sum()), 1.0)
+    say(
+        f"noise ratio: median {np.median(noise_ratio):.3f} (5%-95%: {np.quantile(noise_ratio, 0.05):.3f}-"
+        f"{np.quantile(noise_ratio, 0.95):.3f}); denoised counts keep {kept:.1%} of the observed counts"
+    )
+    if feature_type in ASSIGNED_TYPES:
+        _assign(model, adata, feature_type, args, say)
+    adata.uns["scar_jax"] = {
+        "version": __version__,
+        "command": "denoise",
+        "filtered": str(args.filtered),
+        "raw": str(args.raw),
+        "feature_type": feature_type,
+        "likelihood": args.likelihood,
+        "sparsity": float(model.config.sparsity),
+        "epochs": n_epochs,
+        "batch_size": args.batch_size,
+        "batch_key": args.batch_key or "",
+        "prob": args.prob,
+        "method": method,
+        "seed": args.seed,
+        "n_raw_droplets": raw.n_obs,
+    }
+    _write(adata, out)
+    say(f"wrote {out}: X = raw counts, layers['denoised'], obs['noise_ratio'], obsm['X_scAR'], varm['ambient_profile']")
+    return 0
+
+
+def _check_denoise_options(args: argparse.Namespace) -> None:
+    if args.sparsity is not None and not 0.0 < args.sparsity <= 1.0:
+        raise ValueError(f"--sparsity must be in (0, 1], got {args.sparsity}")
+    if args.prob is not None and not 0.0 <= args.prob < 1.0:
+        raise ValueError(f"--prob must be in [0, 1) (or left out: the barcode-rank rule), got {args.prob}")
+    for name in ("epochs", "batch_size", "moi"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def _read_cells(args: argparse.Namespace, feature_type: str, say) -> tuple[Any, Any, Any]:
+    """The cells with some count of the feature type, the raw droplets and the cells' libraries (before the
+    cells without counts are left out)."""
+    from . import readers
+
     adata = readers.read(args.filtered, feature_type=args.feature_type, genome=args.genome)
     raw = readers.read(args.raw, feature_type=args.feature_type, genome=args.genome)
     say(
@@ -188,14 +182,24 @@ def _run_denoise(args: argparse.Namespace) -> int:
     if args.batch_key is not None and args.batch_key not in adata.obs:
         columns = ", ".join(map(str, adata.obs.columns)) or "none"
         raise ValueError(f"--batch-key {args.batch_key!r} is not a column of the cells' obs (columns: {columns})")
+    return adata, raw, library
+
+
+def _trained_model(args: argparse.Namespace, adata, raw, feature_type: str, model_dir: Path, say) -> tuple[Any, int]:
+    """SCAR on ``adata`` with the ambient profile of ``raw``, trained (or resumed from ``model_dir``), and its
+    number of epochs."""
+    from . import train as _train
+    from .model import SCAR
 
     SCAR.setup_anndata(adata, batch_key=args.batch_key)
-    t0 = time.perf_counter()
-    profile = SCAR.get_ambient_profile(adata, raw, prob=args.prob, seed=args.seed)
-    say(
-        f"ambient profile from the raw droplets ({profile.shape[1]} profile(s), prob={args.prob}, "
-        f"{time.perf_counter() - t0:.1f} s)"
-    )
+    saved_epochs, saved_profile = _saved_model(model_dir)  # only with --resume (else an error, or removed)
+    max_epochs = args.epochs or _train.max_epochs_heuristic(adata.n_obs)
+    if saved_epochs > max_epochs:
+        raise ValueError(
+            f"--resume: the model in {str(model_dir)!r} was trained {saved_epochs} epochs, more than the "
+            f"{max_epochs} asked for (--epochs)"
+        )
+    _ambient_profile(args, adata, raw, saved_profile, model_dir, say)
     model_kwargs = {} if args.sparsity is None else {"sparsity": args.sparsity}
     model = SCAR(
         adata,
@@ -205,63 +209,90 @@ def _run_denoise(args: argparse.Namespace) -> int:
         seed=args.seed,
         **model_kwargs,
     )
-    model.train(
-        max_epochs=args.epochs, batch_size=args.batch_size, accelerator=args.device, enable_progress_bar=not args.quiet
-    )
+    try:  # saved after every 10 epochs and at the end, before denoising; resumed from the last save
+        model.train(
+            max_epochs=max_epochs,
+            batch_size=args.batch_size,
+            accelerator=args.device,
+            enable_progress_bar=not args.quiet,
+            checkpoint_dir=str(model_dir),
+        )
+    except ValueError as err:
+        if saved_epochs:
+            raise ValueError(f"--resume: {err}") from err
+        raise
     n_epochs = len(model.history["elbo_train"])
-    say(f"trained {n_epochs} epochs on {len(model.train_indices)} cells in {model.training_time_s:.1f} s")
+    if saved_epochs == n_epochs:
+        say(f"resumed the trained model from {model_dir} ({n_epochs} epochs): no training")
+    else:
+        resumed = f" (resumed from {model_dir} at epoch {saved_epochs})" if saved_epochs else ""
+        say(
+            f"trained {n_epochs - saved_epochs} epochs{resumed} on {len(model.train_indices)} cells in "
+            f"{model.training_time_s:.1f} s; the model is saved in {model_dir} (--resume reuses it)"
+        )
+    return model, n_epochs
 
-    method = args.method or model.default_denoising_method
-    if method == "calibrated":  # one calibration for both (get_noise_ratio(calibrated=True) would redo it)
+
+def _ambient_profile(args: argparse.Namespace, adata, raw, saved_profile, model_dir: Path, say) -> None:
+    """``adata.varm["ambient_profile"]`` from the raw droplets; with ``--resume`` it must be the saved model's."""
+    from .model import SCAR
+
+    t0 = time.perf_counter()
+    profile = SCAR.get_ambient_profile(adata, raw, prob=args.prob, seed=args.seed)
+    say(
+        f"ambient profile from the raw droplets ({profile.shape[1]} profile(s), prob={args.prob}, "
+        f"{time.perf_counter() - t0:.1f} s)"
+    )
+    if saved_profile is not None and (  # the model keeps it as (n_batches, n_features)
+        saved_profile.shape != profile.shape[::-1] or not np.allclose(saved_profile, profile.T, rtol=1e-5, atol=1e-9)
+    ):
+        raise ValueError(
+            f"--resume: the model in {str(model_dir)!r} was trained with another ambient profile (RAW, --prob "
+            "or --batch-key differ); rerun with the same ones, or with --overwrite instead of --resume"
+        )
+
+
+def _denoised(model, adata, method: str, seed: int) -> tuple[Any, Any]:
+    """The noise ratio ``(n,)`` and the denoised counts (CSR float32) of ``method``."""
+    import scipy.sparse as sp
+
+    from .data import calibrate_model
+    from .denoise import calibrated_split
+
+    if method == "calibrated":  # one calibration for both the noise ratio and the counts
         noise_ratio, share = calibrate_model(model, share_at="observed")
-        denoised = calibrated_split(adata.X, share, seed=args.seed)
+        denoised = calibrated_split(adata.X, share, seed=seed)
     else:
         noise_ratio = model.get_noise_ratio()
-        denoised = model.get_denoised_counts(seed=args.seed, method=method)
+        denoised = model.get_denoised_counts(seed=seed, method=method)
     if not sp.issparse(denoised):
         denoised = sp.csr_matrix(denoised)
-    adata.layers["denoised"] = denoised.astype(np.float32)
-    adata.obs["noise_ratio"] = noise_ratio
-    adata.obsm["X_scAR"] = model.get_latent_representation()
-    kept = float(denoised.sum()) / max(float(library.sum()), 1.0)
+    return noise_ratio, denoised.astype(np.float32)
+
+
+def _assign(model, adata, feature_type: str, args: argparse.Namespace, say) -> None:
+    """sgRNA, tag, CMO: the assigned features, how many, and their counts, into ``adata.obs``."""
+    assignment = model.assign_features(cutoff=args.cutoff, moi=args.moi)
+    adata.obs[feature_type] = assignment[feature_type].astype(str)
+    adata.obs[f"n_{feature_type}"] = assignment[f"n_{feature_type}"].to_numpy()
+    adata.obs[f"{feature_type}_count"] = assignment["count"].to_numpy()
+    n_assigned = assignment[f"n_{feature_type}"].to_numpy()
     say(
-        f"noise ratio: median {np.median(noise_ratio):.3f} (5%-95%: {np.quantile(noise_ratio, 0.05):.3f}-"
-        f"{np.quantile(noise_ratio, 0.95):.3f}); denoised counts keep {kept:.1%} of the observed counts"
+        f"assigned {feature_type}: {int((n_assigned == 1).sum())} cells with one, "
+        f"{int((n_assigned > 1).sum())} with several, {int((n_assigned == 0).sum())} with none"
     )
-    if feature_type in ASSIGNED_TYPES:
-        assignment = model.assign_features(cutoff=args.cutoff, moi=args.moi)
-        adata.obs[feature_type] = assignment[feature_type].astype(str)
-        adata.obs[f"n_{feature_type}"] = assignment[f"n_{feature_type}"].to_numpy()
-        adata.obs[f"{feature_type}_count"] = assignment["count"].to_numpy()
-        n_assigned = assignment[f"n_{feature_type}"].to_numpy()
-        say(
-            f"assigned {feature_type}: {int((n_assigned == 1).sum())} cells with one, "
-            f"{int((n_assigned > 1).sum())} with several, {int((n_assigned == 0).sum())} with none"
-        )
-    adata.uns["scar_jax"] = {
-        "version": __version__,
-        "command": "denoise",
-        "filtered": str(args.filtered),
-        "raw": str(args.raw),
-        "feature_type": feature_type,
-        "likelihood": args.likelihood,
-        "sparsity": float(model.config.sparsity),
-        "epochs": n_epochs,
-        "batch_size": args.batch_size,
-        "batch_key": args.batch_key or "",
-        "prob": args.prob,
-        "method": method,
-        "seed": args.seed,
-        "n_raw_droplets": raw.n_obs,
-    }
+
+
+def _write(adata, out: Path) -> None:
+    """``adata`` to ``out`` through a partial file, so a failed write leaves no half-written OUTPUT."""
+    import anndata
+
     tmp = out.with_name(f".{out.stem}.partial.h5ad")
     try:
         anndata.AnnData.write_h5ad(adata, tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    say(f"wrote {out}: X = raw counts, layers['denoised'], obs['noise_ratio'], obsm['X_scAR'], varm['ambient_profile']")
-    return 0
 
 
 DENOISE_DESCRIPTION = """\
@@ -284,6 +315,8 @@ ambient profile from the cell-free droplets among RAW, trains SCAR and writes OU
   uns['scar_jax']           the settings of this run
 
 Cells without any count of the feature type are left out of OUTPUT.
+The trained model is saved in --model-dir (every 10 epochs and before denoising); if the run fails or
+is killed, the same command with --resume continues from it without training again.
 Input formats (detected from the content): 10x feature-barcode h5 (Cell Ranger v3+, all feature
 types, or v2), 10x mtx folder (matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz; or v2 genes.tsv),
 .h5ad with raw counts in X.
@@ -293,6 +326,7 @@ DENOISE_EPILOG = """\
 example:
   scar-jax denoise filtered_feature_bc_matrix.h5 raw_feature_bc_matrix.h5 -o denoised.h5ad
   scar-jax denoise filtered_feature_bc_matrix.h5 raw_feature_bc_matrix.h5 -o adt.h5ad --feature-type ADT --prob 0.01
+  scar-jax denoise filtered_feature_bc_matrix.h5 raw_feature_bc_matrix.h5 -o denoised.h5ad --resume
 """
 
 
@@ -346,13 +380,18 @@ def _add_denoise(sub: argparse._SubParsersAction) -> None:
         help="obs column of FILTERED (.h5ad) naming each cell's batch/lane: one ambient profile per batch, "
         "from RAW's droplets of that batch when RAW has the column too (default: one batch)",
     )
+    _add_denoise_options(p)
+
+
+def _add_denoise_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``denoise`` from ``--prob`` on (the ambient rule, the method, the assignment, the run)."""
     p.add_argument(
         "--prob",
         type=float,
-        default=0.995,
-        help="cell-free threshold of the ambient estimate, in (0, 1): a droplet is cell-free if its "
-        "multinomial log-probability >= n_features * log(prob) (default 0.995, as scvi-tools; with few "
-        "features such as ADTs, or if too few cell-free droplets are found, lower it, e.g. 0.01)",
+        default=None,
+        help="cell-free rule of the ambient estimate: by default the droplets below the steepest fall of the "
+        "barcode-rank curve; a number in [0, 1) runs scvi-tools' rule instead (cell-free if the multinomial "
+        "log-probability >= n_features * log(prob); scvi-tools' default is 0.995)",
     )
     p.add_argument(
         "--method",
@@ -382,7 +421,23 @@ def _add_denoise(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the model, the training and the denoised draws (default 0)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        metavar="DIR",
+        help="where the trained model is saved, every 10 epochs and before denoising (default: OUTPUT with "
+        ".model for .h5ad); scar_jax.SCAR.load(DIR, adata) reads it",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the model in --model-dir: a finished one is not trained again (e.g. after a "
+        "failure while denoising), one killed during training trains only its remaining epochs; without a "
+        "saved model, train from the start",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT, and the model in --model-dir, if they exist"
+    )
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (no status lines, no progress bar)")
     p.set_defaults(func=_denoise)
 
@@ -391,25 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scar-jax", description="scAR ambient-RNA removal in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_denoise(sub)
-    demo = sub.add_parser("demo", help="simulate droplet data with known truth, train SCAR, report accuracy")
-    demo.add_argument("--n-cells", type=int, default=5000, help="number of simulated cells (default 5000)")
-    demo.add_argument("--n-genes", type=int, default=1000, help="number of simulated genes (default 1000)")
-    demo.add_argument("--noise-ratio", type=float, default=0.15, help="mean true noise ratio (default 0.15)")
-    demo.add_argument(
-        "--likelihood", default="b", choices=["b", "poisson", "nb", "zinb"], help="count likelihood (default b)"
-    )
-    demo.add_argument(
-        "--n-empty", type=int, default=20000, help="simulated empty droplets for the ambient profile (default 20000)"
-    )
-    demo.add_argument(
-        "--prob", type=float, default=0.5, help="get_ambient_profile's prob: cell-free if log p >= n_genes * log(prob)"
-    )
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: scvi-tools' heuristic)")
-    demo.add_argument("--batch-size", type=int, default=128, help="minibatch size (default 128)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the simulation and the model (default 0)")
-    demo.add_argument("--output", default=None, help="write the simulated AnnData with the results to this .h5ad")
-    demo.add_argument("--quiet", action="store_true", help="print nothing")
-    demo.set_defaults(func=_demo)
+    cli_demo.add_parser(sub)
     return parser
 
 

@@ -7,8 +7,9 @@ writes one documented field, ``adata.uns["_scar_jax"]``; nothing else in the use
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import anndata
 import numpy as np
@@ -64,6 +65,20 @@ def _check_obs_key(adata: anndata.AnnData, key: str | None, name: str) -> None:
         raise ValueError(f"{name}={key!r} is not a column of adata.obs; available: {list(adata.obs.columns)[:20]}")
 
 
+def check_unique_genes(adata: anndata.AnnData, name: str = "adata") -> None:
+    """``ValueError`` when ``adata.var_names`` has duplicates: profiles and outputs are keyed by gene name."""
+    names = adata.var_names
+    if not names.is_unique:
+        duplicated = names[names.duplicated(keep=False)]
+        examples = list(dict.fromkeys(map(str, duplicated)))[:5]
+        raise ValueError(
+            f"{name}.var_names has {len(duplicated)} genes with duplicated names (e.g. {examples}); ambient "
+            "profiles and outputs are keyed by gene name, so the result would be ambiguous. Call "
+            f"{name}.var_names_make_unique() first (it renames the repeats GENE-1, GENE-2, ...), or sum the "
+            "duplicates into one gene"
+        )
+
+
 def categories(adata: anndata.AnnData, key: str | None) -> tuple[str, ...]:
     if key is None:
         return ("0",)
@@ -85,13 +100,14 @@ def setup_anndata(
     """Validate the keys and counts, and record the setup in ``adata.uns["_scar_jax"]`` (no copy of X).
 
     Refused (``ValueError``/``TypeError`` naming the field): counts that are not finite non-negative
-    integers, cells with zero counts, an empty AnnData, unknown keys. Genes with zero counts in every
-    cell are accepted with a ``UserWarning`` (see :func:`warn_zero_genes`).
+    integers, cells with zero counts, an empty AnnData, duplicated gene names, unknown keys. Genes with
+    zero counts in every cell are accepted with a ``UserWarning`` (see :func:`warn_zero_genes`).
     """
     if not isinstance(adata, anndata.AnnData):
         raise TypeError(f"adata must be an anndata.AnnData, got {type(adata).__name__}")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes)")
+    check_unique_genes(adata)
     if layer is not None and layer not in adata.layers:
         raise ValueError(f"layer={layer!r} is not in adata.layers; available: {list(adata.layers.keys())}")
     _check_obs_key(adata, batch_key, "batch_key")
@@ -137,10 +153,36 @@ def read_spec(adata: anndata.AnnData) -> AnnDataSpec:
     return AnnDataSpec.from_dict(dict(adata.uns[UNS_KEY]))
 
 
+def counts_field(adata: anndata.AnnData, spec: AnnDataSpec) -> Any:
+    """The object stored where the setup says the counts are (``adata.X`` or the layer), as it is.
+
+    This module is the only reader of the counts' field: every other module goes through here or
+    :func:`get_counts`."""
+    return adata.X if spec.layer is None else adata.layers[spec.layer]
+
+
+def counts_are_sparse(adata: anndata.AnnData, spec: AnnDataSpec) -> bool:
+    """Whether the counts are a sparse matrix, in memory or on disk (CSR dataset), without reading them."""
+    x = counts_field(adata, spec)
+    return sp.issparse(x) or isinstance(x, anndata.abc.CSRDataset)
+
+
+def select_rows(n_obs: int, indices: Any) -> np.ndarray:
+    """Cell positions ``(m,)`` from a boolean mask or integer positions (negative ones counted from the end)."""
+    rows = np.asarray(indices)
+    if rows.dtype == bool:
+        rows = np.flatnonzero(rows)
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
+        raise ValueError("indices must be a non-empty 1-d sequence of integer cell positions")
+    if rows.min() < -n_obs or rows.max() >= n_obs:
+        raise ValueError(f"indices out of range for {n_obs} cells")
+    return rows % n_obs
+
+
 def get_counts(adata: anndata.AnnData, spec: AnnDataSpec) -> np.ndarray | sp.csr_matrix | BackedCounts:
     """The count matrix ``(n_cells, n_genes)`` named by the setup: CSR or dense, not copied when possible;
     a CSR matrix on disk (backed h5ad, zarr) stays there as :class:`scar_jax.backed.BackedCounts`."""
-    x = adata.X if spec.layer is None else adata.layers[spec.layer]
+    x = counts_field(adata, spec)
     if x is None:
         raise ValueError("adata.X is None; pass the counts layer to setup_anndata(layer=...)")
     if isinstance(x, anndata.abc.CSRDataset):
@@ -210,8 +252,7 @@ def read_cells(
     ``rows``: only these cells will be used (in-memory counts): only their counts are validated and
     their libraries computed; the other rows' libraries are NaN and ``gene_totals`` is ``None``. A
     call for a few cells of a large AnnData then costs in proportion to those cells, not to the whole
-    matrix (measured on 2 CPU cores: the latent representation of 1,000 of 200,000 cells x 2,000 genes
-    takes 0.07 s once compiled, where validating the whole matrix alone took 0.5-1.0 s).
+    matrix.
     """
     x = get_counts(adata, spec)
     field = "adata.X" if spec.layer is None else f"adata.layers[{spec.layer!r}]"
@@ -295,13 +336,39 @@ def resolve_ambient_profile(
         raise ValueError(f"{source} is all zero; give a profile with positive mass")
     if ambient_profile is not None and np.abs(sums - 1.0).max() > 1e-3:
         warnings.warn(f"{source} does not sum to 1 (sums {sums}); normalising it", UserWarning, stacklevel=3)
+    if ambient_profile is not None:
+        _warn_ambient_zeros(profile, gene_totals, source)
     return (profile / sums).T.astype(np.float32)
+
+
+def _warn_ambient_zeros(profile: np.ndarray, gene_totals: np.ndarray | None, source: str) -> None:
+    """Warn when genes the cells count have ambient frequency 0 in a given profile ``(n_genes, n_profiles)``.
+
+    Their counts are kept whole as native by every count-preserving method (the ambient cannot produce them),
+    which is right for genes that are truly absent from the ambient and wrong for genes that a shallow sample
+    of cell-free droplets just missed."""
+    zero = (profile <= 0).any(axis=1)
+    totals = None if gene_totals is None else np.asarray(gene_totals, np.float64).ravel()
+    if totals is not None:
+        zero &= totals > 0
+    if not zero.any():
+        return
+    share = "" if totals is None else f", carrying {totals[zero].sum() / max(totals.sum(), 1.0):.2%} of the counts"
+    warnings.warn(
+        f"{source} is 0 on {int(zero.sum())} genes the cells express{share}: their counts are kept whole as native "
+        "(the ambient cannot produce them). If the profile comes from a shallow sample of cell-free droplets, "
+        "estimate it with SCAR.get_ambient_profile(adata, raw_adata), whose posterior gives unseen genes a small "
+        "ambient frequency",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def match_raw_genes(adata: anndata.AnnData, raw_adata: anndata.AnnData) -> np.ndarray:
     """Positions in ``raw_adata.var_names`` of each gene of ``adata`` (matched by name)."""
     if not isinstance(raw_adata, anndata.AnnData):
         raise TypeError(f"raw_adata must be an anndata.AnnData, got {type(raw_adata).__name__}")
+    check_unique_genes(adata)
     if not raw_adata.var_names.is_unique:
         raise ValueError("raw_adata.var_names are not unique; call raw_adata.var_names_make_unique() first")
     positions = raw_adata.var_names.get_indexer(adata.var_names)
@@ -328,8 +395,78 @@ def raw_counts(raw_adata: anndata.AnnData) -> sp.csr_matrix:
     return x
 
 
-def positive_int(value: Any, name: str) -> int:
-    """``value`` as an ``int`` if it is a positive integer, else ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+def raw_droplet_groups(
+    adata: anndata.AnnData, raw_adata: anndata.AnnData, batch_key: str | None
+) -> tuple[sp.csr_matrix, list[np.ndarray]]:
+    """The raw droplets' counts on ``adata``'s genes and their rows per batch (one group without a batch key).
+
+    ``batch_key=None`` takes the setup's batch key when ``raw_adata.obs`` has that column too; the groups
+    follow the setup's category order (``ValueError`` for a batch without droplets)."""
+    genes = match_raw_genes(adata, raw_adata)
+    if batch_key is None and UNS_KEY in adata.uns:
+        setup_key = read_spec(adata).batch_key
+        batch_key = setup_key if setup_key is not None and setup_key in raw_adata.obs else None
+    raw = raw_counts(raw_adata)
+    if not np.array_equal(genes, np.arange(raw.shape[1])):  # no copy when the genes already match
+        raw = raw[:, genes]
+    if batch_key is None:
+        return raw, [np.arange(raw_adata.n_obs)]
+    if batch_key not in raw_adata.obs or batch_key not in adata.obs:
+        raise ValueError(f"batch_key={batch_key!r} must be a column of both adata.obs and raw_adata.obs")
+    names = read_spec(adata).batch_categories if UNS_KEY in adata.uns else categories(adata, batch_key)
+    labels = raw_adata.obs[batch_key].astype(str).to_numpy()
+    groups = [np.flatnonzero(labels == c) for c in names]
+    for c, g in zip(names, groups, strict=True):
+        if len(g) == 0:
+            raise ValueError(f"raw_adata has no droplets of batch {c!r} (raw_adata.obs[{batch_key!r}])")
+    return raw, groups
+
+
+def calibrate_model(
+    model,
+    adata=None,
+    n_neighbours: int = 50,
+    n_iter: int = 50,
+    alpha: float = 1.0,
+    expressed_prior_odds: float = 0.1,
+    batch_size: int | None = None,
+    share_at: Literal["all", "observed"] = "all",
+    metric: Literal["cosine", "euclidean"] = "cosine",
+) -> tuple[np.ndarray, np.ndarray | sp.csr_matrix]:
+    """:func:`scar_jax.calibration.calibrate` for a trained :class:`scar_jax.SCAR`: its counts (``X`` or the setup's
+    layer, read whole: backed counts are loaded), latent representation and ambient profile(s) (one per batch when
+    it has several). Returns the calibrated noise ratio ``(n,)`` and native share ``(n, G)``."""
+    from .calibration import _check_metric, calibrate
+
+    _check_metric(metric)  # before the latent pass
+    adata = model.adata if adata is None else adata
+    profile = np.asarray(model.ambient_profile, np.float64)  # (n_batches, G): one row per batch, or one
+    batches = batch_index(adata, model.spec) if profile.shape[0] > 1 else None  # checked against the setup
+    x = counts_field(adata, model.spec)
+    if isinstance(x, anndata.abc.CSRDataset | anndata.abc.CSCDataset):  # backed: the calibration needs all cells
+        x = x.to_memory()
+    elif not isinstance(x, np.ndarray) and not sp.issparse(x):  # e.g. an h5py or zarr dense array on disk
+        x = np.asarray(x[...])
+    latent = model.get_latent_representation(adata, batch_size=batch_size)
+    ambient = profile if batches is not None else profile[0]
+    return calibrate(x, latent, ambient, batches, n_neighbours, n_iter, alpha, expressed_prior_odds, share_at, metric)
+
+
+def calibration_digest(adata, spec: AnnDataSpec, profile: np.ndarray, batch_index=None) -> str | None:
+    """A digest (blake2b) of what a calibration reads from ``adata``: the counts (``X`` or the setup's layer), the
+    ambient ``profile`` and the batch of each cell (``batch_index``, with more than one profile).
+
+    ``None`` when the counts are not in memory (backed: reading them to hash costs what it saves). Hashing costs a
+    small fraction of the calibration it lets :class:`scar_jax.SCAR` skip."""
+    x = counts_field(adata, spec)
+    if sp.issparse(x):
+        parts = [x.data, x.indices, x.indptr]
+    elif isinstance(x, np.ndarray):
+        parts = [x]
+    else:
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((type(x).__name__, x.shape, str(x.dtype))).encode())
+    for part in [*parts, np.asarray(profile), *([] if batch_index is None else [np.asarray(batch_index)])]:
+        digest.update(np.ascontiguousarray(part))
+    return digest.hexdigest()

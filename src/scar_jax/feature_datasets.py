@@ -67,6 +67,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Real
 from typing import Any
@@ -76,7 +77,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .datasets import _check_int, simulate_empty_droplets
+from .datasets import simulate_empty_droplets
+from .datasets._common import _check_int, _names
 
 __all__ = ["simulate_adt", "simulate_feature_empty_droplets", "simulate_guides"]
 
@@ -114,11 +116,6 @@ def _check_float(name: str, value: Any, low: float, high: float | None = None, *
     if high is not None and v >= high:
         raise ValueError(f"{name} must be < {high}, got {v}")
     return v
-
-
-def _names(prefix: str, n: int, min_width: int) -> list[str]:
-    width = max(min_width, len(str(max(n - 1, 0))))
-    return [f"{prefix}_{i:0{width}d}" for i in range(n)]
 
 
 def _noise_and_library(
@@ -214,6 +211,7 @@ def _assemble(
 # --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
+# long: the docstring lists every output field (about 30 lines); the body is about 45 lines
 def simulate_guides(
     n_cells: int = 2000,
     n_guides: int = 50,
@@ -230,34 +228,24 @@ def simulate_guides(
 
     Parameters
     ----------
-    n_cells
-        Number of cells, ``>= 1``.
-    n_guides
-        Number of guides (features), ``>= 2``.
+    n_cells, n_guides
+        Cells (``>= 1``) and guides (features, ``>= 2``).
     dual_fraction
         Probability that a cell carries two distinct guides, in ``[0, 1]``.
-    noise_ratio_mean
-        Mean of ``eps_i ~ Beta``, in ``(0, 1)``.
-    library_size_mean
-        Mean expected guide counts per cell ``E[L_i]``, ``> 0``.
+    noise_ratio_mean, library_size_mean
+        Mean of ``eps_i ~ Beta``, in ``(0, 1)``, and the mean expected guide counts per cell, ``> 0``.
     seed
-        Seed (``>= 0``); the generator is ``numpy.random.default_rng([10, seed])``.
+        Seed (``>= 0``) of ``numpy.random.default_rng([10, seed])``.
 
     Returns
     -------
     anndata.AnnData
-        ``(n_cells, n_guides)`` object with ``X``, ``layers["native"]``, ``layers["ambient"]`` (CSR
-        ``int32``, ``native + ambient == X``); ``obs["true_guides"]`` (str, the cell's guide names,
-        sorted, joined by ``","``), ``obs["n_true_guides"]`` (int64, 1 or 2), ``obs["noise_ratio"]``,
-        ``obs["noise_ratio_parameter"]``, ``obs["library_size"]`` (float64), ``obs["batch"]``;
-        ``obs_names`` ``"cell_00000"``, ...; ``var_names`` ``"sg_00"``, ...; ``var["abundance"]``
-        (float64 ``pi``, sums to one); ``varm["true_ambient_profile"]`` (float64 ``(n_guides, 1)``);
-        ``uns["simulation"]`` (parameters, JSON-serialisable).
-
-    Raises
-    ------
-    ValueError
-        If an argument is out of range; the message names the argument.
+        ``(n_cells, n_guides)``: ``X``, ``layers["native"]``, ``layers["ambient"]`` (CSR ``int32``, ``native +
+        ambient == X``); ``obs["true_guides"]`` (the cell's guide names, sorted, joined by ``","``),
+        ``obs["n_true_guides"]`` (1 or 2), ``obs["noise_ratio"]``, ``obs["noise_ratio_parameter"]``,
+        ``obs["library_size"]``, ``obs["batch"]``; names ``"cell_00000"``, ``"sg_00"``; ``var["abundance"]``
+        (``pi``); ``varm["true_ambient_profile"]`` ``(n_guides, 1)``; ``uns["simulation"]``. Raises
+        ``ValueError`` naming an argument out of range.
     """
     n_cells = _check_int("n_cells", n_cells, 1)
     n_guides = _check_int("n_guides", n_guides, 2)
@@ -270,34 +258,15 @@ def simulate_guides(
 
     rng = np.random.default_rng([_STREAM_GUIDES, seed])
     n, G = n_cells, n_guides
-    w = rng.lognormal(0.0, _GUIDE_ABUNDANCE_SD_LOG, size=G)
-    abundance = w / w.sum()
-    k = 1 + (rng.random(n) < dual_fraction).astype(np.int64)
-    # Gumbel top-k: sequential sampling without replacement with probabilities `abundance`.
-    keys = np.log(abundance)[None, :] + rng.gumbel(size=(n, G))
-    top2 = np.argsort(-keys, axis=1)[:, :2]
-    u = rng.beta(_DUAL_SHARE_CONCENTRATION, _DUAL_SHARE_CONCENTRATION, size=n)
-    share1 = np.where(k == 2, u, 1.0)
+    abundance, k, top2, share1 = _guide_design(rng, n, G, dual_fraction)
     eps, library = _noise_and_library(rng, n, noise_ratio_mean, library_size_mean)
     native_scale = library * (1.0 - eps)
-
-    def native_rate(rows: np.ndarray) -> np.ndarray:
-        rate = np.zeros((rows.shape[0], G))
-        r = np.arange(rows.shape[0])
-        rate[r, top2[rows, 0]] = native_scale[rows] * share1[rows]
-        second = k[rows] == 2
-        rate[r[second], top2[rows[second], 1]] = native_scale[rows[second]] * (1.0 - share1[rows[second]])
-        return rate
-
     q = np.bincount(top2[:, 0], weights=native_scale * share1, minlength=G)
     q += np.bincount(top2[:, 1], weights=native_scale * (1.0 - share1), minlength=G)  # zero for k == 1
     profile = (1.0 - _GUIDE_AMBIENT_FLOOR) * q / q.sum() + _GUIDE_AMBIENT_FLOOR / G
     profile /= profile.sum()
-    ambient_scale = library * eps
-
-    def ambient_rate(rows: np.ndarray) -> np.ndarray:
-        return ambient_scale[rows, None] * profile[None, :]
-
+    native_rate = functools.partial(_guide_rate, native_scale, share1, top2, k, G)
+    ambient_rate = functools.partial(_ambient_rate, library * eps, profile)
     native, ambient = _draw_counts(rng, native_rate, ambient_rate, n, G)
 
     guide_names = np.asarray(_names("sg", G, 2), dtype=object)
@@ -318,19 +287,40 @@ def simulate_guides(
         "ambient_floor": _GUIDE_AMBIENT_FLOOR,
         "n_dual_cells": int(np.sum(k == 2)),
     }
-    return _assemble(
-        native,
-        ambient,
-        {"true_guides": pd.Series(true_guides, dtype=object).to_numpy(), "n_true_guides": k},
-        _names("cell", n, 5),
-        pd.DataFrame({"abundance": abundance}, index=pd.Index(list(guide_names))),
-        profile,
-        eps,
-        library,
-        params,
-    )
+    obs = {"true_guides": pd.Series(true_guides, dtype=object).to_numpy(), "n_true_guides": k}
+    var = pd.DataFrame({"abundance": abundance}, index=pd.Index(list(guide_names)))
+    return _assemble(native, ambient, obs, _names("cell", n, 5), var, profile, eps, library, params)
 
 
+def _guide_design(rng: np.random.Generator, n: int, G: int, dual_fraction: float):
+    """Guide abundances ``pi`` ``(G,)``, guides per cell ``k`` (1 or 2), the two guides drawn for each cell without
+    replacement ``(n, 2)`` and the first guide's share of a dual cell's native counts ``(n,)``."""
+    w = rng.lognormal(0.0, _GUIDE_ABUNDANCE_SD_LOG, size=G)
+    abundance = w / w.sum()
+    k = 1 + (rng.random(n) < dual_fraction).astype(np.int64)
+    # Gumbel top-k: sequential sampling without replacement with probabilities `abundance`.
+    keys = np.log(abundance)[None, :] + rng.gumbel(size=(n, G))
+    top2 = np.argsort(-keys, axis=1)[:, :2]
+    u = rng.beta(_DUAL_SHARE_CONCENTRATION, _DUAL_SHARE_CONCENTRATION, size=n)
+    return abundance, k, top2, np.where(k == 2, u, 1.0)
+
+
+def _guide_rate(native_scale, share1, top2, k, G: int, rows: np.ndarray) -> np.ndarray:
+    """Native guide rates ``(len(rows), G)``: the cell's native scale on its one or two guides."""
+    rate = np.zeros((rows.shape[0], G))
+    r = np.arange(rows.shape[0])
+    rate[r, top2[rows, 0]] = native_scale[rows] * share1[rows]
+    second = k[rows] == 2
+    rate[r[second], top2[rows[second], 1]] = native_scale[rows[second]] * (1.0 - share1[rows[second]])
+    return rate
+
+
+def _ambient_rate(ambient_scale: np.ndarray, profile: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Ambient rates ``(len(rows), G)``: each cell's ambient scale times the ambient profile."""
+    return ambient_scale[rows, None] * profile[None, :]
+
+
+# long: the docstring lists every output field (about 30 lines); the body is about 50 lines
 def simulate_adt(
     n_cells: int = 2000,
     n_proteins: int = 30,
@@ -348,37 +338,23 @@ def simulate_adt(
 
     Parameters
     ----------
-    n_cells
-        Number of cells, ``>= 1``.
-    n_proteins
-        Number of antibodies (features) including the isotype controls, ``>= n_isotype_controls + 1``.
-    n_cell_types
-        Number of cell types, ``>= 1``.
-    n_isotype_controls
-        Number of isotype-control antibodies (the last features), ``>= 0``.
-    noise_ratio_mean
-        Mean of ``eps_i ~ Beta``, in ``(0, 1)``.
-    library_size_mean
-        Mean expected ADT counts per cell ``E[L_i]``, ``> 0``.
+    n_cells, n_proteins, n_cell_types, n_isotype_controls
+        Cells (``>= 1``), antibodies including the isotype controls (``>= n_isotype_controls + 1``), cell
+        types (``>= 1``) and isotype-control antibodies (the last features, ``>= 0``).
+    noise_ratio_mean, library_size_mean
+        Mean of ``eps_i ~ Beta``, in ``(0, 1)``, and the mean expected ADT counts per cell, ``> 0``.
     seed
-        Seed (``>= 0``); the generator is ``numpy.random.default_rng([11, seed])``.
+        Seed (``>= 0``) of ``numpy.random.default_rng([11, seed])``.
 
     Returns
     -------
     anndata.AnnData
-        ``(n_cells, n_proteins)`` object with ``X``, ``layers["native"]``, ``layers["ambient"]`` (CSR
-        ``int32``, ``native + ambient == X``); ``obs["cell_type"]`` (categorical ``"type_0"``, ...),
-        ``obs["noise_ratio"]``, ``obs["noise_ratio_parameter"]``, ``obs["library_size"]``,
-        ``obs["batch"]``; ``var_names`` ``"adt_00"``, ... then ``"isotype_0"``, ...;
-        ``var["isotype_control"]`` (bool), ``var["marker_of"]`` (str: the type name, ``"pan"`` or
-        ``"isotype"``); ``varm["true_ambient_profile"]`` (``(n_proteins, 1)``),
-        ``varm["true_native_profile"]`` (``(n_proteins, n_cell_types)``, columns sum to one, zero on
-        isotype controls); ``uns["simulation"]`` (parameters, JSON-serialisable).
-
-    Raises
-    ------
-    ValueError
-        If an argument is out of range; the message names the argument.
+        ``(n_cells, n_proteins)``: ``X``, ``layers["native"]``, ``layers["ambient"]`` (CSR ``int32``);
+        ``obs["cell_type"]``, ``obs["noise_ratio"]``, ``obs["noise_ratio_parameter"]``, ``obs["library_size"]``,
+        ``obs["batch"]``; ``var_names`` ``"adt_00"``, ... then ``"isotype_0"``, ...; ``var["isotype_control"]``,
+        ``var["marker_of"]`` (the type name, ``"pan"`` or ``"isotype"``); ``varm["true_ambient_profile"]``
+        ``(n_proteins, 1)``, ``varm["true_native_profile"]`` ``(n_proteins, n_cell_types)`` (zero on isotype
+        controls); ``uns["simulation"]``. Raises ``ValueError`` naming an argument out of range.
     """
     n_cells = _check_int("n_cells", n_cells, 1)
     n_isotype_controls = _check_int("n_isotype_controls", n_isotype_controls, 0)
@@ -392,48 +368,19 @@ def simulate_adt(
 
     rng = np.random.default_rng([_STREAM_ADT, seed])
     n, G, K, J = n_cells, n_proteins, n_cell_types, n_isotype_controls
-    P = G - J
-    baseline = rng.lognormal(0.0, _ADT_BASELINE_SD_LOG, size=P)
-    order = rng.permutation(P)
-    n_pan = max(1, int(round(_ADT_PAN_FRACTION * P))) if P > K else 0
-    marker_of = np.full(P, -1, dtype=np.int64)  # -1: pan marker
-    marker_of[order[n_pan:]] = np.arange(P - n_pan) % K
-    fold = rng.lognormal(math.log(_ADT_MARKER_FOLD), _ADT_MARKER_FOLD_SD_LOG, size=P)
-    w = np.repeat(baseline[:, None], K, axis=1)
-    specific = marker_of >= 0
-    w[np.flatnonzero(specific), marker_of[specific]] *= fold[specific]
-    native_profile = np.zeros((G, K))
-    native_profile[:P] = w / w.sum(axis=0, keepdims=True)
-
+    native_profile, marker_of = _adt_profiles(rng, G, K, J)
     type_proportions = rng.dirichlet(np.full(K, _TYPE_PROPORTION_CONCENTRATION))
     cell_type = rng.choice(K, size=n, p=type_proportions)
     realised = np.bincount(cell_type, minlength=K) / n
     v = rng.lognormal(0.0, _ADT_ANTIBODY_SD_LOG, size=G)
     profile = (1.0 - _ADT_BACKGROUND_FRACTION) * (native_profile @ realised) + _ADT_BACKGROUND_FRACTION * v / v.sum()
     profile /= profile.sum()
-
     eps, library = _noise_and_library(rng, n, noise_ratio_mean, library_size_mean)
-    native_scale = library * (1.0 - eps)
-    ambient_scale = library * eps
-
-    def ambient_rate(rows: np.ndarray) -> np.ndarray:
-        return ambient_scale[rows, None] * profile[None, :]
-
-    def native_rate(rows: np.ndarray) -> np.ndarray:
-        return native_scale[rows, None] * native_profile.T[cell_type[rows]]
-
+    native_rate = functools.partial(_type_rate, library * (1.0 - eps), native_profile.T, cell_type)
+    ambient_rate = functools.partial(_ambient_rate, library * eps, profile)
     native, ambient = _draw_counts(rng, native_rate, ambient_rate, n, G)
 
     type_names = [f"type_{t}" for t in range(K)]
-    var_names = _names("adt", P, 2) + [f"isotype_{j}" for j in range(J)]
-    marker_label = [type_names[m] if m >= 0 else "pan" for m in marker_of] + ["isotype"] * J
-    var = pd.DataFrame(
-        {
-            "isotype_control": np.r_[np.zeros(P, dtype=bool), np.ones(J, dtype=bool)],
-            "marker_of": pd.Series(marker_label, dtype=object).to_numpy(),
-        },
-        index=pd.Index(var_names),
-    )
     params = {
         "generator": "scar_jax.feature_datasets.simulate_adt",
         "n_cells": n,
@@ -453,17 +400,46 @@ def simulate_adt(
         "cell_type_proportions": [float(p) for p in type_proportions],
         "cell_type_categories": type_names,
     }
-    return _assemble(
-        native,
-        ambient,
-        {"cell_type": pd.Categorical.from_codes(cell_type, categories=type_names)},
-        _names("cell", n, 5),
-        var,
-        profile,
-        eps,
-        library,
-        params,
-        varm={"true_native_profile": native_profile},
+    obs = {"cell_type": pd.Categorical.from_codes(cell_type, categories=type_names)}
+    var = _adt_var(marker_of, type_names, J)
+    varm = {"true_native_profile": native_profile}
+    return _assemble(native, ambient, obs, _names("cell", n, 5), var, profile, eps, library, params, varm=varm)
+
+
+def _adt_profiles(rng: np.random.Generator, G: int, K: int, J: int) -> tuple[np.ndarray, np.ndarray]:
+    """Native profiles ``(G, K)`` (zero on the ``J`` isotype controls, the last features) and the type each
+    non-isotype protein marks ``(G - J,)`` (-1: a pan marker)."""
+    P = G - J
+    baseline = rng.lognormal(0.0, _ADT_BASELINE_SD_LOG, size=P)
+    order = rng.permutation(P)
+    n_pan = max(1, int(round(_ADT_PAN_FRACTION * P))) if P > K else 0
+    marker_of = np.full(P, -1, dtype=np.int64)  # -1: pan marker
+    marker_of[order[n_pan:]] = np.arange(P - n_pan) % K
+    fold = rng.lognormal(math.log(_ADT_MARKER_FOLD), _ADT_MARKER_FOLD_SD_LOG, size=P)
+    w = np.repeat(baseline[:, None], K, axis=1)
+    specific = marker_of >= 0
+    w[np.flatnonzero(specific), marker_of[specific]] *= fold[specific]
+    native_profile = np.zeros((G, K))
+    native_profile[:P] = w / w.sum(axis=0, keepdims=True)
+    return native_profile, marker_of
+
+
+def _type_rate(native_scale: np.ndarray, profiles: np.ndarray, cell_type: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Native rates ``(len(rows), G)``: each cell's native scale times its type's profile (``profiles`` ``(K, G)``)."""
+    return native_scale[rows, None] * profiles[cell_type[rows]]
+
+
+def _adt_var(marker_of: np.ndarray, type_names: list[str], J: int) -> pd.DataFrame:
+    """``var`` of :func:`simulate_adt`: names, ``isotype_control`` and ``marker_of``."""
+    P = marker_of.shape[0]
+    var_names = _names("adt", P, 2) + [f"isotype_{j}" for j in range(J)]
+    marker_label = [type_names[m] if m >= 0 else "pan" for m in marker_of] + ["isotype"] * J
+    return pd.DataFrame(
+        {
+            "isotype_control": np.r_[np.zeros(P, dtype=bool), np.ones(J, dtype=bool)],
+            "marker_of": pd.Series(marker_label, dtype=object).to_numpy(),
+        },
+        index=pd.Index(var_names),
     )
 
 

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .vae import SCARConfig
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE = "state.msgpack"
@@ -166,3 +168,102 @@ def _version_tuple(version: str) -> tuple[int, ...]:
             break
         parts.append(int(digits))
     return tuple(parts)
+
+
+# ---------------------------------------------------------------------------------------------- a model's files
+def write_model(
+    dir_path: str | os.PathLike,
+    record: dict[str, Any],
+    state: Any,
+    ambient_profile: np.ndarray,
+    rows: list[dict[str, float]],
+    split: tuple[np.ndarray, np.ndarray, np.ndarray],
+    is_trained: bool,
+    *,
+    prefix: str | None = None,
+    overwrite: bool = False,
+    adata: Any = None,
+) -> None:
+    """Save a model: its ``record`` (``config``, ``spec``, ``var_names``, ``seed``, ``feature_type``,
+    ``training_time_s``), train state, ambient profile, history ``rows`` and ``split``."""
+    from . import __version__
+
+    manifest = {
+        "scar_jax_version": __version__,
+        **{k: record[k] for k in ("config", "spec", "var_names", "seed", "feature_type")},
+        "ambient_profile_shape": list(ambient_profile.shape),
+        "is_trained": is_trained,
+        "history": rows,
+        "training_time_s": record["training_time_s"],
+        "split": {"train": split[0].tolist(), "validation": split[1].tolist(), "test": split[2].tolist()},
+    }
+    state_bytes = state_to_bytes(state, ambient_profile)
+    write_model_dir(dir_path, manifest, state_bytes, prefix=prefix, overwrite=overwrite, adata=adata)
+
+
+def read_state(dir_path: Any, manifest: dict[str, Any], state_bytes: bytes, template: Any) -> tuple[Any, np.ndarray]:
+    """The train state and the ambient profile (float32) of a save, read into ``template``'s structure."""
+    ambient_template = np.zeros(tuple(manifest["ambient_profile_shape"]), np.float32)
+    try:
+        state, ambient = state_from_bytes(template, ambient_template, state_bytes)
+    except Exception as err:  # msgpack errors come in many types
+        raise ValueError(
+            f"{dir_path}: the saved state cannot be read ({err}); the file is truncated or corrupted"
+        ) from err
+    return state, np.asarray(ambient, np.float32)
+
+
+def saved_split(manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The train, validation and test cell indices of a save."""
+    split = manifest["split"]
+    return tuple(np.asarray(split[k], np.int64) for k in ("train", "validation", "test"))
+
+
+def read_checkpoint(
+    dir_path: str | os.PathLike, record: dict[str, Any], template: Any, split: tuple[np.ndarray, ...]
+) -> tuple[Any, list[dict[str, float]]]:
+    """The train state and history of a checkpoint of the same model (``record``) and data split."""
+    manifest, state_bytes, _ = read_model_dir(dir_path)
+    same = (
+        SCARConfig(**manifest["config"]) == SCARConfig(**record["config"])
+        and manifest["seed"] == record["seed"]
+        and manifest["var_names"] == record["var_names"]
+        and all(np.array_equal(a, b) for a, b in zip(saved_split(manifest), split, strict=True))
+    )
+    if not same:
+        raise ValueError(
+            f"checkpoint_dir {dir_path} holds a different model or data split (configuration, seed, genes "
+            "or train_size); use another checkpoint_dir or delete it"
+        )
+    ambient = np.zeros(tuple(manifest["ambient_profile_shape"]), np.float32)
+    state, _ = state_from_bytes(template, ambient, state_bytes)
+    return state, manifest["history"]
+
+
+def write_layer_by_blocks(
+    path: Path, adata: Any, layer: str, block: int, make_counts: Any, progress_bar: bool = True
+) -> None:
+    """Write a new ``.h5ad`` with ``adata``'s ``obs`` and ``var`` and the CSR ``layers[layer]``, whose rows
+    ``make_counts(rows)`` gives ``block`` cells at a time (memory holds one block). Written under a temporary
+    name and renamed when complete, so an interrupted call leaves no partial file."""
+    import anndata
+    import h5py
+    import pandas as pd
+    from anndata.io import sparse_dataset, write_elem
+    from tqdm.auto import tqdm
+
+    obs = adata.obs if isinstance(adata.obs, pd.DataFrame) else pd.DataFrame(index=adata.obs_names)
+    partial = path.with_name(path.name + ".partial")
+    anndata.AnnData(obs=obs.copy(), var=adata.var.copy()).write_h5ad(partial)
+    starts = range(0, adata.n_obs, block)
+    try:
+        with h5py.File(partial, "r+") as f:
+            for start in tqdm(starts, desc="Denoising", unit="block", disable=not progress_bar):
+                counts = make_counts(np.arange(start, min(start + block, adata.n_obs)))
+                if start == 0:
+                    write_elem(f["layers"], layer, counts)
+                else:
+                    sparse_dataset(f["layers"][layer]).append(counts)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -1,77 +1,57 @@
 """``SCAR``: the scvi-tools ``scvi.external.SCAR`` API over the functional core.
 
-The class validates AnnData, moves arrays, loops over chunks and assembles results; every formula is
-in :mod:`scar_jax.vae`, :mod:`scar_jax.likelihoods` and :mod:`scar_jax.posterior`.
+Each method reads the cells once (:mod:`scar_jax.data`), calls a function over arrays
+(:mod:`scar_jax.posterior`, :mod:`scar_jax.analysis`, :mod:`scar_jax.abundance`, :mod:`scar_jax.de`,
+:mod:`scar_jax.features`, :mod:`scar_jax.train`) and assembles the result; the setup-record methods call
+:mod:`scar_jax.compat`. The model and the calibration are derived in ``docs/model.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 import weakref
 from pathlib import Path
 from typing import Any, Literal
 
 import anndata
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from . import abundance as _abundance
 from . import ambient as _ambient
-from . import analysis as _analysis
+from . import analysis as _an
+from . import arguments as _arguments
 from . import backed as _backed
+from . import compat as _compat
 from . import data as _data
+from . import de as _de
+from . import distributed as _distributed
 from . import features as _features
 from . import io as _io
 from . import posterior as _post
-from . import setup_record as _setup
 from . import train as _train
 from .calibration import calibrated_split
-from .counts import to_device
+from .train import positive_int as _positive_int
 from .vae import SCARConfig, init_variables
 
-PLAN_KWARGS = {"lr", "weight_decay", "eps", "n_epochs_kl_warmup", "max_kl_weight", "min_kl_weight", "optimizer"}
-TRAINER_KWARGS = {
-    "early_stopping_monitor",
-    "early_stopping_patience",
-    "early_stopping_min_delta",
-    "enable_progress_bar",
-    "scan_unroll",
-    "block_cells",
-}
-
-
-_select_device = _setup.select_device
-_select_devices = _setup.select_devices
-_positive_int = _data.positive_int
+PLAN_KWARGS = {*_arguments.PLAN_RANGES, "optimizer"}
+TRAINER_KWARGS = set(_arguments.TRAINER_RANGES)  # and those of _arguments.NO_EFFECT_TRAINER_KWARGS (warned)
+_NO_DATALOADER = "dataloader is not supported; pass adata and indices"
 
 
 class SCAR:
     """Ambient RNA removal (scAR, Sheng et al. 2022) in JAX, with the ``scvi.external.SCAR`` API.
 
-    Parameters
-    ----------
-    adata
-        AnnData registered with :meth:`setup_anndata`, raw counts ``(n_cells, n_genes)``.
-    ambient_profile
-        ``None`` (mean profile of the cells), a key of ``adata.varm``/``adata.var``, an array
-        ``(n_genes,)``/``(n_genes, n_batches)`` or a DataFrame indexed by gene. Normalised to sum 1
-        with a warning if it does not.
-    n_hidden, n_latent, n_layers, dropout_rate, gene_likelihood, latent_distribution, scale_activation, sparsity
-        As in scvi-tools (defaults 150, 15, 2, 0.0, ``"b"``, ``"normal"``, ``"softplus_sp"``, 0.9).
-    feature_type
-        ``"mRNA"`` (default), ``"ADT"``, ``"sgRNA"``, ``"tag"``, ``"CMO"`` or ``"ATAC"`` (the original
-        scAR's feature types); sgRNA, tag and CMO force ``sparsity=1`` as the original does. Feature
-        barcodes are assigned with :meth:`get_bayes_factors` and :meth:`assign_features`.
-    seed
-        Seed of every random draw of this model (initialisation, split, minibatches, sampling).
-    matmul_precision
-        Beyond scvi-tools: ``"float32"`` (default; true float32 on every backend, where JAX would use TF32
-        on recent NVIDIA GPUs), or ``"tensorfloat32"`` / ``"bfloat16"`` for faster Dense layers on GPUs
-        (inputs rounded, float32 accumulation; likelihoods stay float32; no effect on CPU). The ELBO change
-        is measured in ``benchmarks/scale.py --precision`` (``benchmarks/RESULTS.md``).
+    ``adata``: raw counts ``(n_cells, n_genes)`` registered with :meth:`setup_anndata`. ``ambient_profile``:
+    ``None`` (the cells' mean profile), a key of ``adata.varm``/``adata.var``, an array ``(n_genes,)`` /
+    ``(n_genes, n_batches)`` or a DataFrame indexed by gene; normalised to sum 1 (with a warning). The network
+    arguments are scvi-tools' (defaults 150, 15, 2, 0.0, ``"b"``, ``"normal"``, ``"softplus_sp"``, 0.9).
+    ``feature_type``: ``"mRNA"``, ``"ADT"``, ``"sgRNA"``, ``"tag"``, ``"CMO"`` or ``"ATAC"`` (sgRNA, tag and CMO
+    force ``sparsity=1``, as the original scAR). ``seed``: every random draw of the model. ``matmul_precision``:
+    ``"float32"`` (true float32 on every backend), ``"tensorfloat32"`` or ``"bfloat16"`` (faster Dense layers on
+    GPUs, float32 accumulation and likelihoods; see docs/benchmarks.md).
     """
 
     def __init__(
@@ -94,10 +74,11 @@ class SCAR:
     ) -> None:
         if model_kwargs:
             raise TypeError(f"SCAR() got unknown keyword arguments {sorted(model_kwargs)}")
-        self.feature_type = _features.check_feature_type(feature_type)
-        sparsity = _features.FORCED_SPARSITY.get(self.feature_type, sparsity)  # as the original scAR
-        self.spec = _data.read_spec(adata)
-        self.config = SCARConfig(
+        feature_type = _features.check_feature_type(feature_type)
+        _data.check_unique_genes(adata)  # set up, then renamed: refused here too
+        sparsity = _features.FORCED_SPARSITY.get(feature_type, sparsity)  # as the original scAR
+        spec = _data.read_spec(adata)
+        config = SCARConfig(
             n_genes=adata.n_vars,
             n_hidden=n_hidden,
             n_latent=n_latent,
@@ -109,23 +90,49 @@ class SCAR:
             sparsity=sparsity,
             matmul_precision=matmul_precision,
         )
-        self.adata = adata
-        self.var_names = np.asarray(adata.var_names).astype(str)
-        cells = self._read_cells(adata)
-        self.ambient_profile = _data.resolve_ambient_profile(adata, ambient_profile, self.spec, cells.gene_totals)
-        self.seed = int(seed)
-        root = jax.random.key(self.seed)
-        init_key, self._train_key, self._predict_key = jax.random.split(root, 3)
-        self._net = self.config.make_net()
-        self._variables = init_variables(self._net, init_key, self.config.n_genes)
-        self._state: _train.TrainState | None = None
-        self.is_trained = False
-        self._calibration_cache = None  # the last calibration (see _calibrated)
-        self.history_rows: list[dict[str, float]] = []
-        self.train_indices = self.validation_indices = self.test_indices = np.zeros(0, np.int64)
-        self.training_time_s = 0.0
+        self.spec, self.config, self._backed_cells = spec, config, None
+        profile = _data.resolve_ambient_profile(adata, ambient_profile, spec, self._read_cells(adata).gene_totals)
+        parts = {"seed": seed, "feature_type": feature_type, "ambient_profile": profile}
+        self._set_parts(adata, spec, config, backed_cells=self._backed_cells, **parts)  # counts on disk: read once
 
-    # ------------------------------------------------------------------ setup
+    def _set_parts(
+        self,
+        adata,
+        spec,
+        config,
+        *,
+        seed,
+        feature_type,
+        ambient_profile,
+        variables=None,
+        state=None,
+        is_trained=False,
+        history_rows=(),
+        split=None,
+        training_time_s=0.0,
+        backed_cells=None,
+    ) -> None:
+        """The one place a model's attributes are set (``__init__``, :meth:`load`, ``from_scvi_tools``)."""
+        self.adata, self.spec, self.config, self.feature_type = adata, spec, config, feature_type
+        self.var_names = np.asarray(adata.var_names).astype(str)
+        self.ambient_profile, self.seed = ambient_profile, int(seed)
+        init_key, self._train_key, self._predict_key = _train.model_keys(self.seed)
+        self._net = config.make_net()
+        self._variables = init_variables(self._net, init_key, config.n_genes) if variables is None else variables
+        self._state: _train.TrainState | None = state
+        self.is_trained, self.history_rows, self.training_time_s = bool(is_trained), list(history_rows), training_time_s
+        empty = np.zeros(0, np.int64)
+        self.train_indices, self.validation_indices, self.test_indices = split or (empty, empty, empty)
+        self._calibration_cache = None  # the last calibration (see _calibrated)
+        self._backed_cells = backed_cells  # (adata weakref, spec, cells) of counts on disk, validated once
+        self._records: _compat.Records = {}  # setup records of other AnnData (transfer_fields)
+
+    @classmethod
+    def _from_parts(cls, adata: anndata.AnnData, spec, config: SCARConfig, **parts: Any) -> SCAR:
+        model = cls.__new__(cls)
+        model._set_parts(adata, spec, config, **parts)
+        return model
+
     @classmethod
     def setup_anndata(
         cls,
@@ -136,15 +143,12 @@ class SCAR:
         size_factor_key: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """Validate ``adata`` and record the setup in ``adata.uns["_scar_jax"]`` (the only field written).
-
-        Unlike scvi-tools, no ``obs`` columns are added and ``X`` is not copied.
-        """
+        """Validate ``adata`` and record the setup in ``adata.uns["_scar_jax"]`` (no ``obs`` columns, no copy)."""
         if kwargs:
             raise TypeError(f"setup_anndata() got unknown keyword arguments {sorted(kwargs)}")
         _data.setup_anndata(adata, batch_key, labels_key, layer, size_factor_key)
 
-    # ------------------------------------------------------------------ training
+    # long: scvi-tools' signature (18 parameters) and their documentation; the body is 30 lines
     def train(
         self,
         max_epochs: int | None = None,
@@ -166,202 +170,108 @@ class SCAR:
         checkpoint_every: int = 10,
         **trainer_kwargs: Any,
     ) -> None:
-        """Train the model (scvi-tools arguments and defaults).
+        """Train the model (scvi-tools' arguments and defaults; ``docs/compat.md`` lists each one).
 
-        ``max_epochs=None`` uses ``min(round(20000 / n_cells * 400), 400)``. ``plan_kwargs`` accepts
-        ``lr`` (1e-3), ``weight_decay`` (1e-6), ``eps`` (0.01), ``n_epochs_kl_warmup`` (400),
-        ``max_kl_weight`` (1), ``min_kl_weight`` (0). Extra keywords: ``early_stopping_monitor``
-        (``"elbo_validation"``), ``early_stopping_patience`` (45), ``early_stopping_min_delta`` (0),
-        ``enable_progress_bar`` (True), and beyond scvi-tools ``scan_unroll`` (1: optimizer steps per
-        iteration of the compiled epoch's loop; the same arithmetic, measured in ``benchmarks/scale.py``)
-        and ``block_cells`` (None: sparse counts in memory stay resident on the device, counts on disk
-        (:func:`scar_jax.backed.read_backed`) are streamed in blocks spanning about 65,536 rows; an int
-        streams blocks of about that many rows, from memory too, e.g. when the device cannot hold the data;
-        see :mod:`scar_jax.backed` for the block shuffling).
-        Training data stay on the device, and each epoch is one
-        compiled call; ``load_sparse_tensor`` is accepted for compatibility (sparse input is always
-        kept sparse on the device and densified per minibatch). Training again continues from the
-        current weights with a fresh optimizer, as in scvi-tools.
-
-        Small data: with fewer training cells than ``batch_size`` each epoch is one smaller minibatch; a
-        last minibatch of 1 or 2 cells is moved to validation (as scvi-tools does). ``ValueError`` when
-        fewer than 3 training cells remain or ``batch_size < 2``: BatchNorm cannot train on one cell.
-
-        ``accelerator`` (``"auto"``, ``"cpu"``, ``"gpu"``, ``"tpu"``) and ``devices`` follow PyTorch Lightning:
-        ``"auto"`` trains on one device, an int ``n`` on the first ``n`` (``-1``: all), a list on those
-        indices. With several devices training is data parallel through JAX sharding: one compiled epoch,
-        each minibatch split over the devices, parameters and data replicated (so the data must fit on
-        each device), gradients and BatchNorm moments all-reduced; the result equals one-device training
-        up to float32 summation order. ``batch_size`` must be a multiple of the number of devices. On
-        several hosts, call ``jax.distributed.initialize()`` first (README).
-
-        Beyond scvi-tools: with ``checkpoint_dir``, the full training state (parameters, optimizer,
-        step, history) is saved atomically every ``checkpoint_every`` epochs and at the end; calling
-        ``train`` again with the same ``checkpoint_dir`` (e.g. after a crash) resumes from the last
-        checkpoint and gives the same result as an uninterrupted run. If the loss or the parameters
-        become NaN or infinite, training stops with ``FloatingPointError`` naming the epoch, and the
-        model keeps the parameters of the last good epoch.
+        ``max_epochs=None``: ``min(round(20000 / n_cells * 400), 400)``. ``plan_kwargs``: ``lr`` (1e-3),
+        ``weight_decay`` (1e-6), ``eps`` (0.01), ``n_epochs_kl_warmup`` (400), ``max_kl_weight`` (1),
+        ``min_kl_weight`` (0). Trainer keywords: ``early_stopping_monitor`` (``"elbo_validation"``),
+        ``early_stopping_patience`` (45), ``early_stopping_min_delta`` (0), ``enable_progress_bar`` (True),
+        ``check_val_every_n_epoch``, ``gradient_clip_val``/``gradient_clip_algorithm``, ``max_steps``,
+        ``precision`` (``"32-true"``/``"bf16-mixed"``); beyond scvi-tools ``scan_unroll`` (1) and ``block_cells``
+        (None: on-disk counts streamed in blocks of about 65,536 rows; an int streams blocks of that many rows).
+        Keywords of :data:`scar_jax.arguments.NO_EFFECT_TRAINER_KWARGS` are accepted with a warning, others are
+        a ``TypeError``. Each epoch is one compiled call; training again continues from the current weights
+        with a fresh optimizer. A last minibatch of 1 or 2 cells moves to validation; ``ValueError`` with
+        fewer than 3 training cells or ``batch_size < 2``. ``devices`` follows Lightning (``"auto"``: one, ``n``:
+        the first ``n``, ``-1``: all, a list: those); several devices train data parallel (``batch_size`` a
+        multiple of their number; several processes: :mod:`scar_jax.distributed`). ``checkpoint_dir``: the
+        full state is saved every ``checkpoint_every`` epochs and at the end, and a later call resumes from it
+        to the uninterrupted result. A NaN/infinite loss or parameter raises ``FloatingPointError`` and keeps
+        the last good epoch.
         """
         if datamodule is not None:
             raise ValueError("datamodule is not supported: scar-jax trains from the AnnData given to SCAR()")
         plan = {**(plan_config or {}), **(plan_kwargs or {})}
         trainer = {**(trainer_config or {}), **trainer_kwargs}
-        for name, given, allowed in (("plan_kwargs", plan, PLAN_KWARGS), ("trainer keywords", trainer, TRAINER_KWARGS)):
-            unknown = set(given) - allowed
-            if unknown:
-                raise TypeError(f"train(): unsupported {name} {sorted(unknown)}; supported: {sorted(allowed)}")
-        if str(plan.get("optimizer", "Adam")) != "Adam":
-            raise ValueError("plan_kwargs['optimizer'] must be 'Adam' (the only optimizer scvi-tools SCAR uses)")
-        split = {"train_size": train_size, "validation_size": validation_size, **(datasplitter_kwargs or {})}
+        _arguments.plan_options(plan)  # unknown keys: TypeError; values out of range: ValueError
+        options = _arguments.trainer_options(trainer)  # the same, and Lightning's keywords mapped (docs/compat.md)
+        sizes = {"train_size": train_size, "validation_size": validation_size, **(datasplitter_kwargs or {})}
         batch_size = _positive_int(batch_size, "batch_size")
-        n_cells = self.adata.n_obs
-        if max_epochs is None:
-            max_epochs = _train.max_epochs_heuristic(n_cells)
-        max_epochs = _positive_int(max_epochs, "max_epochs")
-        chosen = _select_devices(accelerator, devices)
-        device = chosen[0]
-        if len(chosen) > 1 and batch_size % len(chosen):
-            raise ValueError(
-                f"batch_size={batch_size} must be a multiple of the number of devices ({len(chosen)}) for data "
-                "parallel training"
-            )
-        # one device: arrays on it; several: replicated over them (each minibatch is split across them)
-        placement = (
-            device
-            if len(chosen) == 1
-            else jax.sharding.NamedSharding(_train.data_parallel_mesh(tuple(chosen)), jax.sharding.PartitionSpec())
+        epochs = _positive_int(
+            _train.max_epochs_heuristic(self.adata.n_obs) if max_epochs is None else max_epochs, "max_epochs"
         )
-        train_idx, val_idx, test_idx = _train.split_indices(
-            n_cells, split["train_size"], split["validation_size"], shuffle_set_split, batch_size, self.seed
+        single = checkpoint_dir is not None or trainer.get("block_cells") is not None
+        chosen = _distributed.training_devices(accelerator, devices, batch_size, single)
+        split = _train.split_indices(
+            self.adata.n_obs, sizes["train_size"], sizes["validation_size"], shuffle_set_split, batch_size, self.seed
         )
-        cells = self._read_cells(self.adata)
-        block_cells = trainer.get("block_cells")
-        streamed = block_cells is not None or isinstance(cells.x, _backed.BackedCounts)
-        if streamed and not sp.issparse(cells.x) and not isinstance(cells.x, _backed.BackedCounts):
-            raise ValueError(
-                "block_cells streams sparse counts by blocks of cells; the counts are dense (keep them "
-                "resident: leave block_cells=None, or make them scipy.sparse.csr_matrix)"
-            )
-        tx, train_epoch, evaluate = _train.compiled_training(
-            self.config,
-            int(batch_size),
-            float(plan.get("lr", 1e-3)),
-            float(plan.get("eps", 0.01)),
-            float(plan.get("weight_decay", 1e-6)),
-            tuple(chosen) if len(chosen) > 1 else None,
-            _positive_int(trainer.get("scan_unroll", 1), "scan_unroll"),
-        )
-        if streamed:  # out of core: blocks of cells read (from disk) and placed one at a time
-            block = _positive_int(_backed.DEFAULT_BLOCK_CELLS if block_cells is None else block_cells, "block_cells")
-            x = cells.x if isinstance(cells.x, _backed.BackedCounts) else sp.csr_matrix(cells.x)
-            train_epoch, evaluate = _backed.streamed_training(
-                train_epoch,
-                evaluate,
-                x,
-                cells.library,
-                cells.batch_index,
-                train_idx,
-                val_idx,
-                block,
-                cells.max_count,
-                placement,
-                int(batch_size),
-            )
-            resident, train_rows, validation_rows = None, train_idx, np.empty(len(val_idx))
-        else:
-            resident = _train.CellData(
-                to_device(cells.x, placement, cells.max_count),
-                jax.device_put(cells.library, placement),
-                jax.device_put(cells.batch_index, placement),
-            )
-            train_rows = jax.device_put(jnp.asarray(train_idx, jnp.int32), placement)
-            validation_rows = jax.device_put(jnp.asarray(val_idx, jnp.int32), placement)
-        device = placement
-        # The epoch donates its state: hand it copies so the model's own arrays and key stay valid.
-        variables = jax.tree.map(lambda a: jnp.array(a, copy=True), jax.device_put(self._variables, device))
-        key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(self._train_key), copy=True))
-        # committed to the device like the epoch's outputs, so that the second epoch reuses the first one's
-        # compilation (uncommitted step and optimizer counters would compile the epoch a second time)
-        state = jax.device_put(_train.init_train_state(variables, tx, key), device)
-        previous_rows: list[dict[str, float]] = []
-        if checkpoint_dir is not None and _io.has_model(checkpoint_dir):
-            state, previous_rows = self._resume(checkpoint_dir, state, (train_idx, val_idx, test_idx))
-            state = jax.device_put(state, device)
-        on_epoch_end = None
-        if checkpoint_dir is not None:
-            every = _positive_int(checkpoint_every, "checkpoint_every")
-            split_rows = (train_idx, val_idx, test_idx)
-
-            def on_epoch_end(epoch, state, rows):
-                if (epoch + 1) % every == 0 or epoch + 1 == max_epochs:
-                    self._write(checkpoint_dir, state, rows, split_rows, is_trained=True, overwrite=True)
-
-        stopper = None
-        if early_stopping:
-            stopper = _train.EarlyStopping(
-                trainer.get("early_stopping_monitor", "elbo_validation"),
-                int(trainer.get("early_stopping_patience", 45)),
-                float(trainer.get("early_stopping_min_delta", 0.0)),
-            )
-        start = time.perf_counter()
+        checkpoint = None if checkpoint_dir is None else self._checkpoint(checkpoint_dir, checkpoint_every)
         try:
-            state, rows = _train.fit(
-                train_epoch,
-                evaluate,
-                state,
-                resident,
-                train_rows,
-                validation_rows,
-                jax.device_put(jnp.asarray(self.ambient_profile), device),
-                max_epochs=int(max_epochs),
-                n_epochs_kl_warmup=plan.get("n_epochs_kl_warmup", 400),
-                max_kl_weight=float(plan.get("max_kl_weight", 1.0)),
-                min_kl_weight=float(plan.get("min_kl_weight", 0.0)),
-                early_stopping=stopper,
-                progress_bar=bool(trainer.get("enable_progress_bar", True)),
-                first_epoch=len(previous_rows),
-                previous_rows=previous_rows,
-                on_epoch_end=on_epoch_end,
+            result = _train.fit_model(
+                self.config,
+                self._read_cells(self.adata),
+                self._variables,
+                self._train_key,
+                self.ambient_profile,
+                chosen,
+                split,
+                max_epochs=epochs,
+                batch_size=batch_size,
+                plan=plan,
+                trainer=trainer,
+                options=options,
+                early_stopping=early_stopping,
+                checkpoint=checkpoint,
             )
         except _train.TrainingDiverged as err:
             if err.rows:  # keep the last good epoch's parameters
-                self._state, self._variables, self.history_rows = err.state, err.state.variables, err.rows
-                self.train_indices, self.validation_indices, self.test_indices = train_idx, val_idx, test_idx
-                self.is_trained = True
+                self._trained(err.state, err.rows, err.split)
             raise
-        jax.block_until_ready(state.params)
-        self.training_time_s = time.perf_counter() - start
-        if len(chosen) > 1:  # inference runs on one device
-            state = jax.device_put(state, chosen[0])
-        self._state, self._variables = state, state.variables
+        self._trained(result.state, result.rows, result.split)
+        self.training_time_s = result.training_time_s
         self._calibration_cache = None  # for the earlier parameters (the key would not match; frees the memory)
-        self.history_rows = rows
-        self.train_indices, self.validation_indices, self.test_indices = train_idx, val_idx, test_idx
-        self.is_trained = True
+
+    def _checkpoint(self, checkpoint_dir: str, every: int) -> _train.Checkpoint:
+        return _train.Checkpoint(
+            _io.has_model(checkpoint_dir),
+            every,
+            lambda template, split: _io.read_checkpoint(checkpoint_dir, self._record(), template, split),
+            lambda state, rows, split: self._write(checkpoint_dir, state, rows, split, True, True),
+        )
+
+    def _trained(self, state: _train.TrainState, rows: list[dict[str, float]], split: _train.Split) -> None:
+        self._state, self._variables, self.history_rows, self.is_trained = state, state.variables, rows, True
+        self.train_indices, self.validation_indices, self.test_indices = split
 
     @property
     def history(self) -> dict[str, pd.DataFrame]:
-        """Per-epoch metrics, one DataFrame per name (scvi-tools names; ``elbo_*`` is the negative ELBO)."""
+        """Per-epoch metrics, one DataFrame per name (scvi-tools names; ``elbo_*`` is the negative ELBO).
+
+        Each holds the epochs where it was logged (validation metrics: every ``check_val_every_n_epoch``)."""
         if not self.history_rows:
             return {}
         frame = pd.DataFrame(self.history_rows).set_index("epoch")
-        return {name: frame[[name]] for name in frame.columns}
+        return {name: frame[[name]].dropna() for name in frame.columns}
 
-    # ------------------------------------------------------------------ inference helpers
+    @property
+    def variables(self) -> dict:
+        """The trained Flax variables ``{"params": ..., "batch_stats": ...}`` (read-only; train or load to change)."""
+        return self._variables
+
+    # ------------------------------------------------------------------ reading cells
     def _read_cells(self, adata: anndata.AnnData) -> _post.HostCells:
-        """Validated counts, library and batch index of ``adata``; for counts on disk the validating pass is
-        made once per AnnData and remembered (a file opened read-only does not change)."""
-        x = _data.get_counts(adata, self.spec)
-        if isinstance(x, _backed.BackedCounts):
-            cached = getattr(self, "_backed_cells", None)
-            if cached is not None and cached[0]() is adata and cached[1] == self.spec:
-                return cached[2]
-            cells = _data.read_cells(adata, self.spec, self.config.gene_likelihood)
-            self._backed_cells = (weakref.ref(adata), self.spec, cells)
-            return cells
-        return _data.read_cells(adata, self.spec, self.config.gene_likelihood)
+        """Validated counts, library and batch index of ``adata``; counts on disk are validated once per AnnData."""
+        if not isinstance(_data.get_counts(adata, self.spec), _backed.BackedCounts):
+            return _data.read_cells(adata, self.spec, self.config.gene_likelihood)
+        cached = self._backed_cells
+        if cached is not None and cached[0]() is adata and cached[1] == self.spec:
+            return cached[2]
+        cells = _data.read_cells(adata, self.spec, self.config.gene_likelihood)
+        self._backed_cells = (weakref.ref(adata), self.spec, cells)
+        return cells
 
     def _cells(self, adata: anndata.AnnData | None, indices: Any) -> tuple[_post.HostCells, np.ndarray]:
+        """The cells of ``adata`` (default: the model's) and the selected rows; in memory only those are read."""
         if not self.is_trained:
             raise RuntimeError("the model is not trained yet; call model.train() first")
         adata = self.adata if adata is None else adata
@@ -369,25 +279,19 @@ class SCAR:
             _data.check_genes(adata, self.var_names)
         if indices is None:
             return self._read_cells(adata), np.arange(adata.n_obs)
-        rows = np.asarray(indices)
-        if rows.dtype == bool:
-            rows = np.flatnonzero(rows)
-        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or len(rows) == 0:
-            raise ValueError("indices must be a non-empty 1-d sequence of integer cell positions")
-        if rows.min() < -adata.n_obs or rows.max() >= adata.n_obs:
-            raise ValueError(f"indices out of range for {adata.n_obs} cells")
-        rows = rows % adata.n_obs
+        rows = _data.select_rows(adata.n_obs, indices)
         if isinstance(_data.get_counts(adata, self.spec), _backed.BackedCounts):
             return self._read_cells(adata), rows  # validated once per file (cached)
-        # in memory: validate and sum only the selected cells (their results do not depend on the others)
         return _data.read_cells(adata, self.spec, self.config.gene_likelihood, rows), rows
+
+    def _key(self, seed: int) -> jax.Array:
+        return jax.random.fold_in(self._predict_key, seed)
 
     def _map(self, fn, adata, indices, batch_size, seed: int = 0, sparse_output: bool = False) -> list:
         cells, rows = self._cells(adata, indices)
-        key = jax.random.fold_in(self._predict_key, seed)
-        return _post.map_chunks(fn, cells, rows, batch_size or 1024, key, sparse_output)
+        return _post.map_chunks(fn, cells, rows, batch_size or 1024, self._key(seed), sparse_output)
 
-    # ------------------------------------------------------------------ latent space
+    # ------------------------------------------------------------------ latent space, ELBO, likelihood
     def get_latent_representation(
         self,
         adata: anndata.AnnData | None = None,
@@ -400,34 +304,17 @@ class SCAR:
         *,
         seed: int = 0,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Latent representation ``(n_cells, n_latent)`` (evaluation mode).
-
-        ``return_dist``: the mean and variance of q(z | x). Otherwise, for ``latent_distribution="ln"``
-        the Monte Carlo mean of softmax(z) over ``mc_samples`` draws (``give_mean=True``) or one draw of
-        softmax(z); for ``"normal"`` the mean (``give_mean=True``) or one draw of z.
-        """
+        """Latent representation ``(n_cells, n_latent)``: the mean (``give_mean``) or one draw of z, for ``"ln"``
+        of softmax(z) (mean over ``mc_samples`` draws); ``return_dist``: mean and variance of q(z | x)."""
         if dataloader is not None:
-            raise ValueError("dataloader is not supported; pass adata and indices")
-        cfg, v = self.config, self._variables
-
-        def latent(batch, keys):
-            if return_dist:
-                return _post.encode(cfg, v, batch.x)
-            if cfg.latent_distribution == "ln":
-                return _post.logistic_normal_mean(cfg, v, batch.x, keys, mc_samples if give_mean else 1)
-            z_mean, z_var = _post.encode(cfg, v, batch.x)
-            if give_mean:
-                return z_mean
-            return z_mean + jnp.sqrt(z_var) * jax.vmap(lambda k: jax.random.normal(k, (cfg.n_latent,)))(keys)
-
-        out = self._map(latent, adata, indices, batch_size, seed)
+            raise ValueError(_NO_DATALOADER)
+        fn = _an.latent_fn(self.config, self._variables, return_dist, give_mean, mc_samples)
+        out = self._map(fn, adata, indices, batch_size, seed)
         return (out[0], out[1]) if return_dist else out[0]
 
-    # ------------------------------------------------------------------ ELBO
-    def _elbo_terms(self, adata, indices, batch_size, seed) -> tuple[np.ndarray, np.ndarray]:
-        cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
-        rec, kl = self._map(lambda b, k: _post.elbo_terms(cfg, v, b, ambient, k), adata, indices, batch_size, seed)
-        return rec, kl
+    def _elbo_terms(self, adata, indices, batch_size, seed) -> list[np.ndarray]:
+        cfg, v, ambient = self.config, self._variables, jax.numpy.asarray(self.ambient_profile)
+        return self._map(lambda b, k: _post.elbo_terms(cfg, v, b, ambient, k), adata, indices, batch_size, seed)
 
     def get_elbo(
         self,
@@ -440,12 +327,11 @@ class SCAR:
         *,
         seed: int = 0,
     ) -> float | np.ndarray:
-        """Evidence lower bound per cell, ``-(reconstruction NLL + KL)`` with one z draw; higher is better."""
+        """ELBO per cell, ``-(reconstruction NLL + KL)`` with one z draw; higher is better."""
         if dataloader is not None:
-            raise ValueError("dataloader is not supported; pass adata and indices")
+            raise ValueError(_NO_DATALOADER)
         rec, kl = self._elbo_terms(adata, indices, batch_size, seed)
-        elbo = -(rec + kl)
-        return float(elbo.mean()) if return_mean else elbo
+        return float((-(rec + kl)).mean()) if return_mean else -(rec + kl)
 
     def get_reconstruction_error(
         self,
@@ -460,26 +346,318 @@ class SCAR:
     ) -> dict[str, float | np.ndarray]:
         """``{"reconstruction_loss": log p(x | z)}`` per cell (one z draw), higher is better, as scvi-tools."""
         if dataloader is not None:
-            raise ValueError("dataloader is not supported; pass adata and indices")
+            raise ValueError(_NO_DATALOADER)
         rec, _ = self._elbo_terms(adata, indices, batch_size, seed)
         return {"reconstruction_loss": float(-rec.mean()) if return_mean else -rec}
 
-    # ------------------------------------------------------------------ likelihood, expression, sampling, DE/DA
-    # (functions of the model in scar_jax/analysis.py)
-    get_marginal_ll = _analysis.get_marginal_ll
-    get_latent_library_size = _analysis.get_latent_library_size
-    get_normalized_expression = _analysis.get_normalized_expression
-    _importance_resampled_expression = _analysis._importance_resampled_expression
-    get_importance_weights = _analysis.get_importance_weights
-    _anchor_log_likelihood = _analysis._anchor_log_likelihood
-    get_likelihood_parameters = _analysis.get_likelihood_parameters
-    posterior_predictive_sample = _analysis.posterior_predictive_sample
-    differential_expression = _analysis.differential_expression
-    get_aggregated_posterior = _analysis.get_aggregated_posterior
-    differential_abundance = _analysis.differential_abundance
-    get_feature_correlation_matrix = _analysis.get_feature_correlation_matrix
-    _gene_mask = _analysis._gene_mask
-    _check_transform_batch = _analysis._check_transform_batch
+    def get_marginal_ll(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        n_mc_samples: int = 1000,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        dataloader: Any = None,
+        *,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> float | np.ndarray:
+        """``log p(x)`` per cell by importance sampling with q(z | x); ``log p(x | z)`` is the full mixture
+        likelihood (scvi-tools: the native part). ``batch_size`` defaults to 256 cells."""
+        if kwargs:
+            raise TypeError(f"get_marginal_ll() got unknown keyword arguments {sorted(kwargs)}")
+        if dataloader is not None:
+            raise ValueError(_NO_DATALOADER)
+        n = _positive_int(n_mc_samples, "n_mc_samples")
+        cfg, v, ambient = self.config, self._variables, jax.numpy.asarray(self.ambient_profile)
+        fn = lambda b, k: _post.log_marginal_likelihood(cfg, v, b, ambient, n, k)  # noqa: E731
+        values = self._map(fn, adata, indices, batch_size or 256, seed)[0]
+        return float(values.mean()) if return_mean else values
+
+    def get_latent_library_size(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+        dataloader: Any = None,
+        **data_loader_kwargs: Any,
+    ) -> np.ndarray:
+        """Library size of each cell, ``(n_cells, 1)``: SCAR uses the observed library (total counts)."""
+        cells, rows = self._cells(adata, indices)
+        return np.asarray(cells.x[rows].sum(axis=1), np.float32).reshape(-1, 1)
+
+    # ------------------------------------------------------------------ expression, sampling
+    def get_normalized_expression(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        transform_batch: Any = None,
+        gene_list: list[str] | None = None,
+        library_size: float | Literal["latent"] = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: Literal["uniform", "importance"] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        *,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> np.ndarray | pd.DataFrame:
+        """Native frequencies ``phi`` times ``library_size`` (``"latent"``: ``N (1 - noise_ratio) phi``).
+
+        Mean over ``n_samples`` draws of z, or ``(n_samples, n_cells, n_genes)`` without ``return_mean``;
+        ``n_samples_overall`` draws of random cells give ``(n_samples_overall, n_genes)``, resampled with
+        :meth:`get_importance_weights` (extra keywords go there) for ``weights="importance"``. ``transform_batch``
+        accepts the setup's batches and changes nothing (no batch covariate). A DataFrame unless ``return_numpy``.
+        """
+        unknown = set(kwargs) - _an.IMPORTANCE_KWARGS
+        if unknown:
+            raise TypeError(
+                f"get_normalized_expression() got unknown keyword arguments {sorted(unknown)}"
+                f"; the extra keywords are passed to get_importance_weights: {sorted(_an.IMPORTANCE_KWARGS)}"
+            )
+        if weights not in (None, "uniform", "importance"):
+            raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}")
+        _an.check_transform_batch(self.spec.batch_categories, transform_batch)
+        latent = isinstance(library_size, str)
+        if latent and library_size != "latent":
+            raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}")
+        n, scale = _positive_int(n_samples, "n_samples"), 1.0 if latent else float(library_size)
+        cells, rows = self._cells(adata, indices)
+        overall = None if n_samples_overall is None else _positive_int(n_samples_overall, "n_samples_overall")
+        if weights == "importance" and overall is not None:
+            cfg, v, key = self.config, self._variables, self._key(seed)
+            values, zs = _an.expression_draws(cfg, v, cells, rows, n, latent, batch_size, key)
+            w = self.get_importance_weights(adata, rows, zs=zs, seed=seed, **kwargs)
+            values, index, return_mean = _an.resample(values, w, overall, seed), None, True
+        else:
+            if overall is not None:
+                rows, n, return_mean = np.random.default_rng(seed).choice(rows, size=overall, replace=True), 1, True
+            fn = _an.expression_fn(self.config, self._variables, n, latent, return_mean)
+            values = _post.map_chunks(fn, cells, rows, batch_size or 1024, self._key(seed))[0]
+            index = (
+                None if overall is not None else np.asarray((self.adata if adata is None else adata).obs_names)[rows]
+            )
+        genes = _an.gene_mask(self.var_names, gene_list)
+        values = values[..., genes] * scale
+        if not return_mean and n > 1:
+            return np.moveaxis(values, 1, 0)
+        return values if return_numpy else pd.DataFrame(values, columns=self.var_names[genes], index=index)
+
+    def get_importance_weights(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        qz: Any = None,
+        px: Any = None,
+        zs: Any = None,
+        max_cells: int = 1024,
+        truncation: bool = False,
+        n_mc_samples: int = 500,
+        n_mc_samples_per_pass: int = 250,
+        *,
+        seed: int = 0,
+        **data_loader_kwargs: Any,
+    ) -> np.ndarray:
+        """Self-normalised importance weights ``(n_samples * n_cells,)`` (sample-major) of latent draws ``zs``.
+
+        ``log w_k = logsumexp_a [log p(z_k) + log p(x_a | z_k) - log p(x_a)] - logsumexp_a log q(z_k | x_a)``
+        over up to ``max_cells`` anchor cells ``x_a`` of the same cells, ``log p(x_a)`` from
+        :meth:`get_marginal_ll` and ``log p(x_a | z_k)`` the full mixture likelihood (scvi-tools rescales the
+        native part). ``qz``: a numpyro ``Normal`` or ``(mean, variance)`` ``(n_cells, n_latent)``, ``None``
+        computes it; ``zs``: ``(n_cells, n_latent)`` or ``(n_samples, n_cells, n_latent)``, ``None`` draws one
+        per cell with ``seed`` (which also picks the anchors). ``px`` and ``n_mc_samples_per_pass`` are unused.
+        """
+        unknown = set(data_loader_kwargs) - {"batch_size"}
+        if unknown:
+            raise TypeError(f"get_importance_weights() got unknown keyword arguments {sorted(unknown)}")
+        cells, rows = self._cells(adata, indices)
+        moments = self.get_latent_representation(adata, rows, return_dist=True) if qz is None else qz
+        z_mean, z_var = _an.latent_moments(moments, len(rows), self.config.n_latent)
+        zs = _an.latent_draws(zs, z_mean, z_var, seed)
+        anchors = _abundance.select_anchor_cells(len(rows), max_cells, seed)
+        log_px = self.get_marginal_ll(adata, rows[anchors], n_mc_samples, return_mean=False, seed=seed)
+        log_px_z = lambda flat: self._anchor_log_likelihood(cells, rows[anchors], flat)  # noqa: E731
+        return _an.importance_weights(zs, z_mean, z_var, anchors, log_px, log_px_z, truncation)
+
+    def _anchor_log_likelihood(self, cells: _post.HostCells, anchor_rows: np.ndarray, zs: np.ndarray) -> np.ndarray:
+        return _an.anchor_log_likelihood(self.config, self._variables, self.ambient_profile, cells, anchor_rows, zs)
+
+    def get_likelihood_parameters(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+        dataloader: Any = None,
+        *,
+        seed: int = 0,
+        **data_loader_kwargs: Any,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of p(x | z) (the full mixture): ``mean`` ``(n_cells, n_genes)``, for NB/ZINB ``dispersions``,
+        for ZINB ``dropout``; at the posterior mean of z (``give_mean``) or one draw (``n_samples`` must be 1)."""
+        if _positive_int(n_samples, "n_samples") != 1:
+            raise ValueError("n_samples > 1 is not supported; call repeatedly with different seeds")
+        cfg, v, ambient = self.config, self._variables, jax.numpy.asarray(self.ambient_profile)
+        fn = lambda b, k: _post.likelihood_parameters(cfg, v, b, ambient, bool(give_mean), k)  # noqa: E731
+        return _an.likelihood_parameters(cfg.gene_likelihood, *self._map(fn, adata, indices, batch_size, seed))
+
+    def posterior_predictive_sample(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        n_samples: int = 1,
+        gene_list: list[str] | None = None,
+        batch_size: int | None = None,
+        *,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> sp.csr_matrix | np.ndarray:
+        """Draws of x̂ ~ p(x̂ | z) (the full mixture), z ~ q(z | x): CSR ``(n_cells, n_genes)`` for one sample,
+        else dense ``(n_cells, n_genes, n_samples)`` (scvi-tools: sparse COO)."""
+        if kwargs:
+            raise TypeError(f"posterior_predictive_sample() got unknown keyword arguments {sorted(kwargs)}")
+        n = _positive_int(n_samples, "n_samples")
+        genes = _an.gene_mask(self.var_names, gene_list)
+        cfg, v, ambient = self.config, self._variables, jax.numpy.asarray(self.ambient_profile)
+        fn = lambda b, k: jax.numpy.moveaxis(_post.posterior_predictive(cfg, v, b, ambient, n, k), 0, -1)  # noqa: E731
+        values = self._map(fn, adata, indices, batch_size, seed)[0][:, genes, :]
+        return sp.csr_matrix(values[..., 0]) if n == 1 else values
+
+    # ------------------------------------------------------------------ differential expression and abundance
+    # long: scvi-tools' signature (25 parameters); the body is 20 lines
+    def differential_expression(
+        self,
+        adata: anndata.AnnData | None = None,
+        groupby: str | None = None,
+        group1: Any = None,
+        group2: Any = None,
+        idx1: Any = None,
+        idx2: Any = None,
+        mode: Literal["vanilla", "change"] = "vanilla",
+        delta: float | None = 0.25,
+        batch_size: int | None = None,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1: Any = None,
+        batchid2: Any = None,
+        fdr_target: float = 0.05,
+        silent: bool = False,
+        weights: Literal["uniform", "importance"] | None = "uniform",
+        filter_outlier_cells: bool = False,
+        importance_weighting_kwargs: dict | None = None,
+        *,
+        seed: int = 0,
+        n_samples_overall: int = 5000,
+        pseudocounts: float | None = None,
+        test_mode: Literal["two", "three"] = "three",
+        cred_interval_lvls: list[float] | None = None,
+    ) -> pd.DataFrame:
+        """Bayesian differential expression of the *native* frequencies between groups (:mod:`scar_jax.de`).
+
+        scvi-tools' semantics and columns; ``group2=None``: each group against the rest; ``idx1``/``idx2``:
+        masks, indices or ``obs`` queries; ``n_samples_overall`` posterior draws of random cells per group,
+        resampled with :meth:`get_importance_weights` for ``weights="importance"``. No batch covariate:
+        ``batch_correction``/``batchid*`` change nothing.
+        """
+        if weights not in (None, "uniform", "importance"):
+            raise ValueError(f"weights must be 'uniform' or 'importance', got {weights!r}")
+        iw_kwargs = dict(importance_weighting_kwargs or {})
+        _an.check_importance_kwargs(iw_kwargs, "importance_weighting_kwargs")
+        adata = self.adata if adata is None else adata
+        cells, _ = self._cells(adata, None)
+        extra = iw_kwargs if weights == "importance" else {}
+        scales = lambda rows, n, s: self.get_normalized_expression(  # noqa: E731
+            adata, rows, n_samples_overall=n, batch_size=batch_size, seed=s, return_numpy=True, weights=weights, **extra
+        )
+        latent = lambda rows: self.get_latent_representation(adata, indices=rows, batch_size=batch_size)  # noqa: E731
+        return _de.differential_expression(
+            scales,
+            adata.obs,
+            cells.x,
+            list(self.var_names),
+            groupby,
+            group1,
+            group2,
+            idx1,
+            idx2,
+            mode,
+            delta,
+            all_stats,
+            fdr_target,
+            n_samples_overall=n_samples_overall,
+            pseudocounts=pseudocounts,
+            test_mode=test_mode,
+            cred_interval_lvls=cred_interval_lvls,
+            latent=latent if filter_outlier_cells else None,
+            seed=seed,
+            silent=silent,
+        )
+
+    def get_aggregated_posterior(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        batch_size: int | None = None,
+        dof: float | None = 3.0,
+    ) -> Any:
+        """A uniform numpyro mixture over the cells of q(z | x) (Normal, or Student-t with ``dof``), with the
+        posterior standard deviation as scale (scvi-tools passes the variance)."""
+        means, variances = self.get_latent_representation(adata, indices, batch_size=batch_size, return_dist=True)
+        return _abundance.aggregated_posterior(means, variances, dof)
+
+    def differential_abundance(
+        self,
+        adata: anndata.AnnData | None = None,
+        sample_key: str | None = None,
+        batch_size: int = 128,
+        num_cells_posterior: int | None = None,
+        dof: float | None = None,
+        *,
+        seed: int = 0,
+    ) -> pd.DataFrame:
+        """Log-probability ``(n_cells, n_samples)`` of each cell's latent mean under each sample's aggregated
+        posterior, a DataFrame (scvi-tools writes ``obsm["da_log_probs"]``); ``num_cells_posterior`` subsamples."""
+        adata = self.adata if adata is None else adata
+        if sample_key is None or sample_key not in adata.obs:
+            raise ValueError(f"sample_key must be a column of adata.obs, got {sample_key!r}")
+        means, variances = self.get_latent_representation(adata, batch_size=batch_size, return_dist=True)
+        points = None
+        if self.config.latent_distribution == "ln":
+            points = self.get_latent_representation(adata, batch_size=batch_size, give_mean=True)
+        obs = adata.obs[sample_key]
+        return _abundance.differential_abundance(obs, means, variances, num_cells_posterior, dof, seed, points=points)
+
+    def get_feature_correlation_matrix(
+        self,
+        adata: anndata.AnnData | None = None,
+        indices: Any = None,
+        n_samples: int = 10,
+        batch_size: int = 64,
+        rna_size_factor: int = 1000,
+        transform_batch: Any = None,
+        correlation_type: Literal["spearman", "pearson"] = "spearman",
+        silent: bool = True,
+        *,
+        seed: int = 0,
+    ) -> pd.DataFrame:
+        """Gene-gene correlation of posterior draws of ``rna_size_factor x phi`` (``n_samples`` per cell)."""
+        samples = self.get_normalized_expression(
+            adata,
+            indices,
+            transform_batch=transform_batch,
+            library_size=rna_size_factor,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            return_mean=False,
+            return_numpy=True,
+            seed=seed,
+        )
+        matrix = _abundance.feature_correlation(samples, correlation_type)
+        return pd.DataFrame(matrix, index=self.var_names, columns=self.var_names)
 
     # ------------------------------------------------------------------ denoising
     def get_noise_ratio(
@@ -491,56 +669,46 @@ class SCAR:
         calibrated: bool = False,
         n_neighbours: int = 50,
     ) -> np.ndarray:
-        """Noise ratio (ambient fraction of each cell's counts) at the posterior mean of z, ``(n_cells,)``.
+        """Ambient fraction of each cell's counts ``(n_cells,)`` at the posterior mean of z.
 
-        ``calibrated=True``: the empirical-Bayes noise ratio of :mod:`scar_jax.calibration` (estimated
-        from the genes that are not expressed in each cell's ``n_neighbours`` latent neighbourhood,
-        computed over all cells of ``adata``, then subset by ``indices``). Use it at low contamination
-        (a fraction of a percent to a few percent), where the model's own noise ratio is several times
-        too high; it is the noise ratio of the default denoising (``get_denoised_counts()`` for mRNA). With one
-        ambient profile per batch each cell's ambient counts follow its batch's profile. The calibration is
-        kept on the model: a following ``get_denoised_counts()`` with the same data and settings reuses it.
+        ``calibrated=True``: the empirical-Bayes noise ratio of :mod:`scar_jax.calibration` (from the genes
+        each cell's ``n_neighbours`` latent neighbourhood does not express; computed over all cells of ``adata``,
+        then subset), the one of the default denoising; see docs/model.md, "Calibration". It is kept on the model
+        for a following ``get_denoised_counts()`` with the same data and settings.
         """
         if calibrated:
             return self._calibrated(adata, indices, batch_size, n_neighbours)[0]
-        return self._decode_at_mean(adata, indices, batch_size)[1][:, 0]
+        return self._decode_at_mean(*self._cells(adata, indices), batch_size)[1][:, 0]
 
     def get_native_frequencies(
         self, adata: anndata.AnnData | None = None, indices: Any = None, batch_size: int | None = None
     ) -> np.ndarray:
         """Native expression frequencies ``phi`` at the posterior mean of z, ``(n_cells, n_genes)``."""
-        return self._decode_at_mean(adata, indices, batch_size)[0]
+        return self._decode_at_mean(*self._cells(adata, indices), batch_size)[0]
 
-    def _decode_at_mean(self, adata, indices, batch_size) -> list[np.ndarray]:
+    def _decode_at_mean(self, cells: _post.HostCells, rows: np.ndarray, batch_size) -> list[np.ndarray]:
         cfg, v = self.config, self._variables
-        return self._map(lambda b, k: _post.decode_at_mean(cfg, v, b.x), adata, indices, batch_size)
+        fn = lambda b, k: _post.decode_at_mean(cfg, v, b.x)  # noqa: E731
+        return _post.map_chunks(fn, cells, rows, batch_size or 1024, self._key(0))
 
-    def _calibrated(
-        self, adata, indices, batch_size, n_neighbours: int, expressed_prior_odds: float = 0.1
-    ) -> tuple[np.ndarray, np.ndarray, _post.HostCells, np.ndarray]:
+    def _calibrated(self, adata, indices, batch_size, n_neighbours: int, expressed_prior_odds: float = 0.1):
         """Calibrated noise ratio ``(m,)`` and native share ``(m, G)`` of the selected rows, the cells and rows.
 
-        The last calibration is kept on the model, keyed on the trained parameters (by identity), a digest of
-        the counts, profile and batches (:func:`scar_jax.calibration.calibration_digest`), ``n_neighbours`` and
-        ``expressed_prior_odds``: ``get_noise_ratio(calibrated=True)`` then ``get_denoised_counts()`` compute it
-        once. It holds the noise ratio and the share at the stored counts (about 12 bytes per stored count)."""
-        from . import calibration as _calibration
+        The last calibration is kept, keyed on the parameters (by identity), a digest of the counts, profile and
+        batches (:func:`scar_jax.data.calibration_digest`), ``n_neighbours`` and ``expressed_prior_odds``."""
 
         cells, rows = self._cells(adata, indices)
         n_neighbours = _positive_int(n_neighbours, "n_neighbours")
         target = self.adata if adata is None else adata
         profile = np.asarray(self.ambient_profile)
         batches = _data.batch_index(target, self.spec) if profile.shape[0] > 1 else None
-        key = (
-            _calibration.calibration_digest(target, self.spec.layer, profile, batches),
-            n_neighbours,
-            float(expressed_prior_odds),
-        )
-        cached = getattr(self, "_calibration_cache", None)
-        if key[0] is not None and cached is not None and cached[0] is self._variables and cached[1] == key:
+        digest = _data.calibration_digest(target, self.spec, profile, batches)
+        key = (digest, n_neighbours, float(expressed_prior_odds))
+        cached = self._calibration_cache
+        if digest is not None and cached is not None and cached[0] is self._variables and cached[1] == key:
             eps, share = cached[2], cached[3]
         else:
-            eps, share = _calibration.calibrate_model(
+            eps, share = _data.calibrate_model(
                 self,
                 adata,
                 n_neighbours=n_neighbours,
@@ -548,7 +716,7 @@ class SCAR:
                 batch_size=batch_size,
                 share_at="observed",
             )
-            self._calibration_cache = None if key[0] is None else (self._variables, key, eps, share)
+            self._calibration_cache = None if digest is None else (self._variables, key, eps, share)
         return eps[rows], share[rows], cells, rows
 
     @property
@@ -569,76 +737,18 @@ class SCAR:
         n_neighbours: int = 50,
         expressed_prior_odds: float = 0.1,
     ) -> np.ndarray | sp.csr_matrix:
-        """Denoised counts ``(n_cells, n_genes)``.
+        """Denoised counts ``(n_cells, n_genes)``; the methods are derived and compared in docs/model.md.
 
-        Parameters
-        ----------
-        method
-            Default ``None``: ``"calibrated"`` for ``feature_type="mRNA"`` (the model's default), ``"split"``
-            for the other feature types, whose panels are too small for the calibration to find features
-            a neighbourhood does not express (with 8 ADTs it removes nothing) and whose guides/tags are
-            assigned from the model itself (``"calibrated"`` can still be asked for: on 87 ADTs with
-            isotype controls it keeps more of the other ADTs, README).
-
-            ``"calibrated"`` (count-preserving): ``denoised ~ Binomial(x, w)`` with the native
-            share ``w`` of :mod:`scar_jax.calibration`, an empirical-Bayes posterior on the cell's
-            ``n_neighbours`` nearest cells in the latent space (cosine:
-            :func:`scar_jax.calibration.knn_indices`; computed over all cells of ``adata``): a gene the
-            neighbourhood expresses keeps its counts, a gene it does not express loses them all, and the
-            noise ratio is re-estimated from the latter (``get_noise_ratio(calibrated=True)``). Integer,
-            ``0 <= denoised <= raw``, zeros stay zero. **Why it is the default here** (scvi-tools has
-            ``"expected"``; earlier versions of scar-jax ``"split"``): it is at least as close to the truth
-            in every regime measured. Simulated, 2,000 cells x 1,000 genes (``benchmarks/denoising_quality.py``):
-            at 20% contamination 82.1% of the ambient counts removed and 95.5% of the native kept (oracle
-            82.4% / 95.5%, ``"split"`` 74.3% / 96.3%), at 5% 71.5% / 98.5% (oracle 72.0% / 98.5%, split
-            69.2% / 98.5%). Low contamination (two-species mixture, 0.2-2%, README): >= 99.5% of the counts
-            of expressed genes kept and >= 90% of the contamination removed (99.57% / 90.4% and 99.57% / 91.5%
-            at 300 x 20,000, seeds 0 / 1), where the model's noise ratio is several times too high and its
-            sparse native frequencies zero out expressed genes, so ``"split"`` keeps only 96%. Real data
-            (README): more real expression kept inside the lineages on PBMC and of the non-isotype
-            antibodies on CITE-seq (83.5% against 73.8%), a little less removed outside (PBMC MNP markers
-            87% against 97%; isotype controls 93.7% against 100%). Its cost: it needs all cells of
-            ``adata`` in memory at once (on-disk counts are read whole), exact neighbours up to 50,000
-            cells (approximate above), and up to 50 rounds over cells x genes in one compiled JAX loop
-            (float32, the default device; 2.4-5.4 s in all for 300 x 20,000 on 2 CPU cores, 8.0 s with the NumPy
-            loop of earlier versions; ``benchmarks/calibration_speed.py``). The last calibration is kept on
-            the model (about 12 bytes per stored count), so ``get_noise_ratio(calibrated=True)`` and this
-            method with the same data and settings compute it once. For atlases, on-disk
-            data or speed, use ``"split"`` (or :meth:`write_denoised_counts`, which streams it); with
-            neighbourhoods that do not separate cell types (an under-trained model) the calibrated noise
-            ratio collapses towards 1, and a warning says so. ``n_samples`` is not used (one seeded draw).
-            With one ambient profile per batch, each cell's ambient counts follow its own batch's profile
-            (a neighbourhood's expected ambient counts mix them). For sparse counts the memory is that of
-            sparse matrices (the counts, their neighbourhood sums and the shares at the observed entries;
-            20 bytes per stored neighbourhood sum on the device, about 44 in all on a CPU) plus chunks and
-            blocks of about 1M entries: 5.3 GB for 100,000 cells x 2,000 genes (README).
-
-            ``"split"`` (count-preserving, the model's own posterior): each observed count is native with
-            its posterior share ``w = (1 - eps) phi / ((1 - eps) phi + eps a)`` (the cell's own batch
-            profile ``a``), ``denoised ~ Binomial(x, w)``, median over ``n_samples`` draws of z. Integer,
-            ``0 <= denoised <= raw``, and zeros stay zero. The shares are computed on the device, the
-            binomial draws on the host with one NumPy stream per cell
-            (:func:`scar_jax.posterior.binomial_split`): results do not depend on ``batch_size`` or on the
-            other cells, and it scales to atlases. ``"split_mean"``: its posterior mean ``x * w`` (not
-            integer). ``"expected"``: the scvi-tools reference, ``library * (1 - eps) * phi``
-            stochastically rounded, median over draws; it can exceed the observed count and be positive
-            where nothing was observed ("artificial counts"), which is why it is not the default here.
-        n_neighbours
-            ``"calibrated"`` only: the neighbourhood size (default 50; 30 is enough for ~100 cells).
-        expressed_prior_odds
-            ``"calibrated"`` only, the removal/retention knob (default 0.1; 1 is the derived posterior):
-            the prior odds that a gene is expressed in a neighbourhood are multiplied by it. The default
-            was chosen on measurements (``scar_jax.calibration.DEFAULT_EXPRESSED_PRIOR_ODDS``): on the
-            simulated mixtures it removes 91-99% of the contamination where 1 removes 78-97%, keeping
-            >= 99.5% of real expression at both. Larger keeps
-            more real expression (fewer expressed genes are called off and lose their counts) and
-            removes less contamination; smaller removes more and keeps less; the share is monotone in
-            it. ``benchmarks/low_contamination.py --knob`` prints the trade-off on simulated data.
-        return_sparse
-            CSR output; default: when the input counts are sparse and the method is count-preserving
-            (``"calibrated"``, ``"split"``, ``"split_mean"``: their non-zeros are a subset of the input's).
-        seed
-            Seed of the draws of z and of the binomial split / rounding.
+        ``method=None``: ``"calibrated"`` for mRNA, ``"split"`` for the other feature types (small panels).
+        ``"calibrated"``: ``Binomial(x, w)`` with the empirical-Bayes native share ``w`` of
+        :mod:`scar_jax.calibration` over the ``n_neighbours`` nearest cells in the latent space (all cells of
+        ``adata`` in memory; ``n_samples`` unused); ``expressed_prior_odds`` (default 0.1) multiplies the prior
+        odds that a gene is expressed in a neighbourhood: larger keeps more, smaller removes more.
+        ``"split"``: ``Binomial(x, w)`` with the model's posterior share ``w = (1 - eps) phi / ((1 - eps) phi +
+        eps a)``, median over ``n_samples`` draws of z, host draws per cell (independent of ``batch_size``).
+        ``"split_mean"``: ``x * w``. ``"expected"`` (scvi-tools): ``library (1 - eps) phi`` stochastically rounded,
+        which can exceed the observed count. The count-preserving ones are integers in ``[0, x]`` with zeros kept.
+        ``return_sparse``: CSR; default for sparse input and a count-preserving method. ``seed``: every draw.
         """
         n_samples = _positive_int(n_samples, "n_samples")
         method = self.default_denoising_method if method is None else method
@@ -647,25 +757,19 @@ class SCAR:
         if method == "calibrated":
             _, share, cells, rows = self._calibrated(adata, indices, batch_size, n_neighbours, expressed_prior_odds)
             return calibrated_split(cells.x[rows], share, seed, return_sparse)
-        cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
         if return_sparse is None:
-            counts = self.adata.X if adata is None else adata.X
-            counts = (
-                counts if self.spec.layer is None else (self.adata if adata is None else adata).layers[self.spec.layer]
-            )
-            on_disk = isinstance(counts, anndata.abc.CSRDataset)
-            return_sparse = (sp.issparse(counts) or on_disk) and method != "expected"
+            sparse = _data.counts_are_sparse(self.adata if adata is None else adata, self.spec)
+            return_sparse = sparse and method != "expected"
         if method == "split":
             out = self._split_counts(adata, indices, batch_size, n_samples, seed)
             return out if return_sparse else out.toarray()
-        if method == "expected":
-            fn = lambda b, k: _post.denoised_counts_expected(cfg, v, b, int(n_samples), k)  # noqa: E731
-        else:
-            sample = method == "split"
-            fn = lambda b, k: _post.denoised_counts_posterior_split(  # noqa: E731
-                cfg, v, b, ambient, int(n_samples), sample, k
-            )
+        fn = _an.denoise_fn(self.config, self._variables, self.ambient_profile, method, n_samples)
         return self._map(fn, adata, indices, batch_size, seed, sparse_output=bool(return_sparse))[0]
+
+    def _split_counts(self, adata, indices, batch_size, n_samples: int, seed: int) -> sp.csr_matrix:
+        cells, rows = self._cells(adata, indices)
+        cfg, v, key = self.config, self._variables, self._key(seed)
+        return _an.split_counts(cfg, v, self.ambient_profile, cells, rows, batch_size, n_samples, seed, key)
 
     def write_denoised_counts(
         self,
@@ -680,21 +784,9 @@ class SCAR:
         overwrite: bool = False,
         progress_bar: bool = True,
     ) -> None:
-        """Write the count-preserving denoised counts to a new ``.h5ad``, one block of cells at a time.
-
-        Beyond scvi-tools, for data larger than memory (an AnnData from :func:`scar_jax.backed.read_backed`,
-        or any other): the cells are read ``block_cells`` at a time (the next chunk in a background
-        thread), split as ``get_denoised_counts(method="split")`` does, and each block is appended to the
-        CSR ``layers[layer]`` of ``filename`` on disk, so memory holds one block. The file has the cells'
-        ``obs`` and ``var`` and no ``X``; read it with ``anndata.read_h5ad(filename, backed="r")``. The
-        result equals ``get_denoised_counts(adata, n_samples=..., seed=..., method="split")`` row for row (each cell's
-        draws depend only on the cell and the seed). The file is written under a temporary name and
-        renamed when complete, so an interrupted call leaves no partial file.
-        """
-        import h5py
-        from anndata.io import sparse_dataset, write_elem
-        from tqdm.auto import tqdm
-
+        """Write ``get_denoised_counts(adata, method="split")`` to the CSR ``layers[layer]`` of a new ``.h5ad``
+        (the cells' ``obs`` and ``var``, no ``X``), ``block_cells`` cells at a time, atomically (a temporary
+        name, renamed when complete). For data larger than memory (:func:`scar_jax.backed.read_backed`)."""
         if not self.is_trained:
             raise RuntimeError("the model is not trained yet; call model.train() first")
         if not isinstance(layer, str) or not layer:
@@ -705,47 +797,14 @@ class SCAR:
         block = _positive_int(block_cells, "block_cells")
         n_samples = _positive_int(n_samples, "n_samples")
         adata = self.adata if adata is None else adata
-        obs = adata.obs if isinstance(adata.obs, pd.DataFrame) else pd.DataFrame(index=adata.obs_names)
-        partial = path.with_name(path.name + ".partial")
-        anndata.AnnData(obs=obs.copy(), var=adata.var.copy()).write_h5ad(partial)
-        starts = range(0, adata.n_obs, block)
-        try:
-            with h5py.File(partial, "r+") as f:
-                for start in tqdm(starts, desc="Denoising", unit="block", disable=not progress_bar):
-                    rows = np.arange(start, min(start + block, adata.n_obs))
-                    counts = self._split_counts(adata, rows, batch_size, n_samples, seed)
-                    if start == 0:
-                        write_elem(f["layers"], layer, counts)
-                    else:
-                        sparse_dataset(f["layers"][layer]).append(counts)
-            partial.replace(path)
-        finally:
-            partial.unlink(missing_ok=True)
-
-    def _split_counts(self, adata, indices, batch_size, n_samples: int, seed: int) -> sp.csr_matrix:
-        """The count-preserving split: shares on the device at the observed counts, binomial draws on the host."""
-        cells, rows = self._cells(adata, indices)
-        counts = sp.csr_matrix(cells.x[rows], dtype=np.float32)
-        counts.eliminate_zeros()
-        counts.sort_indices()
-        cfg, v, ambient = self.config, self._variables, jnp.asarray(self.ambient_profile)
-        key = jax.random.fold_in(self._predict_key, seed)
-        draws = []
-        for draw in range(n_samples):
-            fn = lambda b, k, d=draw: _post.native_share_at_counts(cfg, v, b, ambient, d, k)  # noqa: E731
-            share = _post.map_chunks(fn, cells, rows, batch_size or 1024, key, sparse_output=True)[0]
-            share.sort_indices()
-            draws.append(_post.binomial_split(counts, share, rows, seed, draw))
-        data = draws[0] if n_samples == 1 else np.floor(np.median(np.stack(draws), axis=0))
-        out = sp.csr_matrix((data.astype(np.float32), counts.indices, counts.indptr), shape=counts.shape)
-        out.eliminate_zeros()
-        return out
+        split = lambda rows: self._split_counts(adata, rows, batch_size, n_samples, seed)  # noqa: E731
+        _io.write_layer_by_blocks(path, adata, layer, block, split, progress_bar)
 
     @staticmethod
     def get_ambient_profile(
         adata: anndata.AnnData,
         raw_adata: anndata.AnnData,
-        prob: float = 0.995,
+        prob: float | None = None,
         min_raw_counts: int = 2,
         iterations: int = 3,
         n_batch: int = 1,
@@ -753,52 +812,33 @@ class SCAR:
         *,
         batch_key: str | None = None,
         seed: int = 0,
+        prior_counts: float | Literal["auto"] = "auto",
     ) -> np.ndarray:
-        """Estimate the ambient profile from raw (unfiltered) droplets; writes ``adata.varm["ambient_profile"]``.
+        """The ``(n_genes, n_profiles)`` ambient profile from raw droplets; writes ``adata.varm["ambient_profile"]``.
 
-        The EmptyDrops-like iteration of scvi-tools (see :mod:`scar_jax.ambient`), computed on the sparse
-        matrix without densifying it (``n_batch`` only sets the number of row chunks). Genes are matched
-        by name. With a ``batch_key`` (default: the one given to ``setup_anndata``, when ``raw_adata.obs``
-        has that column too), one profile per batch from that batch's own droplets, one column per batch
-        category in the setup's order. Returns the ``(n_genes, n_profiles)`` profile matrix.
+        Cell-free droplets (:mod:`scar_jax.ambient`): ``prob=None``, those below the steepest fall of the
+        barcode-rank curve; ``prob`` in ``[0, 1)``, scvi-tools' EmptyDrops-like rule ``log p_j >= n_genes
+        log(prob)`` (``0``: every droplet with ``>= min_raw_counts`` counts; ``n_batch`` sets the row chunks).
+        The profile is a Dirichlet posterior mean with a Good-Turing prior for unseen genes (``prior_counts``
+        its strength; ``0`` with ``prob=0.995``: scvi-tools' profile). Genes matched by name; with a batch key
+        (default: the setup's, if ``raw_adata.obs`` has it) one profile per batch, in the setup's order.
         """
-        genes = _data.match_raw_genes(adata, raw_adata)
-        if batch_key is None and _data.UNS_KEY in adata.uns:
-            setup_key = _data.read_spec(adata).batch_key
-            batch_key = setup_key if setup_key is not None and setup_key in raw_adata.obs else None
-        raw = _data.raw_counts(raw_adata)
-        if not np.array_equal(genes, np.arange(raw.shape[1])):  # no copy when the genes already match
-            raw = raw[:, genes]
-        chunk = max(1, -(-raw_adata.n_obs // max(1, int(n_batch))))
-        if batch_key is None:
-            groups = [np.arange(raw_adata.n_obs)]
-        else:
-            if batch_key not in raw_adata.obs or batch_key not in adata.obs:
-                raise ValueError(f"batch_key={batch_key!r} must be a column of both adata.obs and raw_adata.obs")
-            categories = (
-                _data.read_spec(adata).batch_categories
-                if _data.UNS_KEY in adata.uns
-                else _data.categories(adata, batch_key)
-            )
-            labels = raw_adata.obs[batch_key].astype(str).to_numpy()
-            groups = [np.flatnonzero(labels == c) for c in categories]
-            for c, g in zip(categories, groups, strict=True):
-                if len(g) == 0:
-                    raise ValueError(f"raw_adata has no droplets of batch {c!r} (raw_adata.obs[{batch_key!r}])")
-        profiles = []
-        for rows in groups:
-            estimate = _ambient.estimate_ambient_profile(
+        raw, groups = _data.raw_droplet_groups(adata, raw_adata, batch_key)
+        chunk = min(max(1, -(-raw_adata.n_obs // max(1, int(n_batch)))), 100_000)
+        profiles = [
+            _ambient.estimate_ambient_profile(
                 raw if len(rows) == raw.shape[0] else raw[rows],
                 prob,
                 min_raw_counts,
                 iterations,
                 sample,
                 seed,
-                chunk_size=min(chunk, 100_000),
-            )
-            profiles.append(estimate.profile)
-        profile = np.stack(profiles, axis=1)
-        adata.varm["ambient_profile"] = profile
+                chunk_size=chunk,
+                prior_counts=prior_counts,
+            ).profile
+            for rows in groups
+        ]
+        adata.varm["ambient_profile"] = profile = np.stack(profiles, axis=1)
         return profile
 
     # ------------------------------------------------------------------ feature barcodes
@@ -810,15 +850,12 @@ class SCAR:
         adjust: Literal["micro", "global"] | None = "micro",
         log: bool = False,
     ) -> np.ndarray:
-        """Per cell and feature, the evidence that the count exceeds what ambient contamination explains.
+        """``(n_cells, n_features)`` Bayes factors (natural log with ``log``) that a count exceeds the ambient:
+        ``P(X <= x) / P(X = x)``, ``X ~ Poisson(N * noise_ratio * a + adjustment)`` (:mod:`scar_jax.features`)."""
+        return self._bayes_factors(*self._cells(adata, indices), batch_size, adjust, log)
 
-        ``BF = P(X <= x) / P(X = x)`` with ``X ~ Poisson(N * noise_ratio * a + adjustment)``, each cell with
-        its own batch's ambient profile ``a`` (the original scAR's rule and its ``"micro"``/``"global"``
-        adjustments; see :mod:`scar_jax.features`). Returns ``(n_cells, n_features)`` Bayes factors, or
-        their natural log with ``log=True``.
-        """
-        cells, rows = self._cells(adata, indices)
-        noise_ratio = self.get_noise_ratio(adata, indices, batch_size)
+    def _bayes_factors(self, cells, rows, batch_size, adjust, log: bool = False) -> np.ndarray:
+        noise_ratio = self._decode_at_mean(cells, rows, batch_size)[1][:, 0]
         x = cells.x[rows]
         library = np.asarray(x.sum(axis=1), np.float64).ravel()
         fn = _features.log_bayes_factors if log else _features.bayes_factors
@@ -832,25 +869,15 @@ class SCAR:
         adjust: Literal["micro", "global"] | None = "micro",
         batch_size: int | None = None,
     ) -> pd.DataFrame:
-        """Assign features (guides, hashtags, CMOs) to cells from their Bayes factors.
-
-        ``moi=None``: the original scAR's rule (Bayes factors below ``cutoff`` set to 0, the features tied
-        at each cell's maximum, none when it is 0). ``moi=k``: up to ``k`` features with Bayes factor >=
-        ``cutoff``, strongest first, for high-MOI or dual-guide experiments (the original raises
-        NotImplementedError). Returns a DataFrame indexed like ``adata.obs_names`` with the assigned
-        features (comma-joined), their number and their total observed count.
-        """
+        """Features (guides, hashtags, CMOs) of each cell from their Bayes factors: ``moi=None``, the original's
+        rule (those tied at the maximum, if >= ``cutoff``); ``moi=k``, up to ``k`` with factor >= ``cutoff``.
+        A DataFrame indexed by ``obs_names``: the features (comma-joined), their number and total count."""
         adata = self.adata if adata is None else adata
-        cells, _ = self._cells(adata, None)
-        bf = self.get_bayes_factors(adata, batch_size=batch_size, adjust=adjust)
+        cells, rows = self._cells(adata, None)
+        bf = self._bayes_factors(cells, rows, batch_size, adjust)
+        names, obs_names = np.asarray(adata.var_names), np.asarray(adata.obs_names)
         return _features.assign_features(
-            bf,
-            cells.x,
-            np.asarray(adata.var_names),
-            cutoff=cutoff,
-            moi=moi,
-            obs_names=np.asarray(adata.obs_names),
-            feature_type=self.feature_type,
+            bf, cells.x, names, cutoff=cutoff, moi=moi, obs_names=obs_names, feature_type=self.feature_type
         )
 
     # ------------------------------------------------------------------ persistence
@@ -863,73 +890,30 @@ class SCAR:
         save_kwargs: dict | None = None,
         **anndata_write_kwargs: Any,
     ) -> None:
-        """Save the model (atomically) to ``dir_path``; with ``save_anndata`` also the AnnData.
-
-        Unlike scvi-tools, the optimizer state, step and history are saved too, so training can resume.
-        """
+        """Save the model atomically to ``dir_path`` (with ``save_anndata``, the AnnData too); unlike scvi-tools
+        with the optimizer state, step and history, so training can resume."""
         state = self._state
         if state is None:  # untrained or imported: a state with a fresh optimizer keeps one file format
             state = _train.init_train_state(self._variables, _train.make_optimizer(), self._train_key)
         split = (self.train_indices, self.validation_indices, self.test_indices)
         self._write(dir_path, state, self.history_rows, split, self.is_trained, overwrite, prefix, save_anndata)
 
-    def _write(
-        self,
-        dir_path: str,
-        state: _train.TrainState,
-        rows: list[dict[str, float]],
-        split: tuple[np.ndarray, np.ndarray, np.ndarray],
-        is_trained: bool,
-        overwrite: bool,
-        prefix: str | None = None,
-        save_anndata: bool = False,
-    ) -> None:
-        from . import __version__
-
-        manifest = {
-            "scar_jax_version": __version__,
+    def _record(self) -> dict[str, Any]:
+        return {
             "config": dataclasses.asdict(self.config),
             "spec": self.spec.to_dict(),
             "var_names": self.var_names.tolist(),
             "seed": self.seed,
             "feature_type": self.feature_type,
-            "ambient_profile_shape": list(self.ambient_profile.shape),
-            "is_trained": is_trained,
-            "history": rows,
             "training_time_s": self.training_time_s,
-            "split": {"train": split[0].tolist(), "validation": split[1].tolist(), "test": split[2].tolist()},
         }
-        _io.write_model_dir(
-            dir_path,
-            manifest,
-            _io.state_to_bytes(state, self.ambient_profile),
-            prefix=prefix,
-            overwrite=overwrite,
-            adata=self.adata if save_anndata else None,
-        )
 
-    def _resume(
-        self, checkpoint_dir: str, template: _train.TrainState, split: tuple[np.ndarray, ...]
-    ) -> tuple[_train.TrainState, list[dict[str, float]]]:
-        """The train state and history of a checkpoint of this same model and data."""
-        manifest, state_bytes, _ = _io.read_model_dir(checkpoint_dir)
-        same = (
-            SCARConfig(**manifest["config"]) == self.config
-            and manifest["seed"] == self.seed
-            and manifest["var_names"] == self.var_names.tolist()
-            and all(
-                np.array_equal(np.asarray(manifest["split"][k], np.int64), rows)
-                for k, rows in zip(("train", "validation", "test"), split, strict=True)
-            )
+    def _write(self, dir_path, state, rows, split, is_trained, overwrite, prefix=None, save_anndata=False) -> None:
+        adata = self.adata if save_anndata else None
+        record, ambient = self._record(), self.ambient_profile
+        _io.write_model(
+            dir_path, record, state, ambient, rows, split, is_trained, prefix=prefix, overwrite=overwrite, adata=adata
         )
-        if not same:
-            raise ValueError(
-                f"checkpoint_dir {checkpoint_dir} holds a different model or data split (configuration, seed, genes "
-                "or train_size); use another checkpoint_dir or delete it"
-            )
-        ambient = np.zeros(tuple(manifest["ambient_profile_shape"]), np.float32)
-        state, _ = _io.state_from_bytes(template, ambient, state_bytes)
-        return state, manifest["history"]
 
     @classmethod
     def load(
@@ -945,68 +929,99 @@ class SCAR:
             adata = anndata.read_h5ad(adata_path)
         _data.check_genes(adata, np.asarray(manifest["var_names"]))
         spec = _data.AnnDataSpec.from_dict(manifest["spec"])
-        adata_setup = adata.uns.get(_data.UNS_KEY)
-        if adata_setup is None:
+        if adata.uns.get(_data.UNS_KEY) is None:
             _data.setup_anndata(adata, spec.batch_key, spec.labels_key, spec.layer, spec.size_factor_key)
-        config = SCARConfig(**manifest["config"])
-        model = cls.__new__(cls)
-        model.spec, model.config, model.adata = spec, config, adata
-        model.var_names = np.asarray(manifest["var_names"]).astype(str)
-        model.seed = int(manifest["seed"])
-        model.feature_type = manifest.get("feature_type", "mRNA")
-        init_key, model._train_key, model._predict_key = jax.random.split(jax.random.key(model.seed), 3)
-        model._net = config.make_net()
-        template_vars = init_variables(model._net, init_key, config.n_genes)
-        template = _train.init_train_state(template_vars, _train.make_optimizer(), model._train_key)
-        ambient_template = np.zeros(tuple(manifest["ambient_profile_shape"]), np.float32)
-        try:
-            state, ambient = _io.state_from_bytes(template, ambient_template, state_bytes)
-        except Exception as err:  # msgpack errors come in many types
-            raise ValueError(
-                f"{dir_path}: the saved state cannot be read ({err}); the file is truncated or corrupted"
-            ) from err
-        model._state = state if manifest["is_trained"] else None
-        model._variables = state.variables
-        model.ambient_profile = np.asarray(ambient, np.float32)
-        model.is_trained = bool(manifest["is_trained"])
-        model.history_rows = manifest["history"]
-        model.training_time_s = float(manifest.get("training_time_s", 0.0))
-        split = manifest["split"]
-        model.train_indices = np.asarray(split["train"], np.int64)
-        model.validation_indices = np.asarray(split["validation"], np.int64)
-        model.test_indices = np.asarray(split["test"], np.int64)
-        return model
+        config, seed, trained = SCARConfig(**manifest["config"]), int(manifest["seed"]), bool(manifest["is_trained"])
+        state, ambient = _io.read_state(dir_path, manifest, state_bytes, _train.template_state(config, seed))
+        return cls._from_parts(
+            adata,
+            spec,
+            config,
+            seed=seed,
+            feature_type=manifest.get("feature_type", "mRNA"),
+            ambient_profile=ambient,
+            variables=state.variables,
+            state=state if trained else None,
+            is_trained=trained,
+            history_rows=manifest["history"],
+            split=_io.saved_split(manifest),
+            training_time_s=float(manifest.get("training_time_s", 0.0)),
+        )
 
-    # ------------------------------------------------------------------ setup record and devices
-    # (scvi-tools names; functions of the model in scar_jax/setup_record.py)
-    view_anndata_setup = _setup.view_anndata_setup
-    view_setup_args = _setup.view_setup_args
-    get_setup_arg = _setup.get_setup_arg
-    get_state_registry = _setup.get_state_registry
-    get_from_registry = _setup.get_from_registry
-    transfer_fields = _setup.transfer_fields
-    _check_compatible = _setup._check_compatible
-    update_setup_method_args = _setup.update_setup_method_args
-    load_registry = staticmethod(_setup.load_registry)
-    _instance_records = _setup._instance_records
-    register_manager = classmethod(_setup.register_manager)
-    deregister_manager = _setup.deregister_manager
-    get_anndata_manager = _setup.get_anndata_manager
-    data_registry = property(_setup.data_registry)
-    device = property(_setup.device)
-    to_device = _setup.to_device
-    _setup_args = staticmethod(_setup._setup_args)
-    _setup_table = _setup._setup_table
+    # ------------------------------------------------------------------ setup record and devices (scar_jax.compat)
+    def view_anndata_setup(self, adata: anndata.AnnData | None = None, hide_state_registries: bool = False) -> None:
+        """Print what ``setup_anndata`` recorded (layer, keys, categories) for ``adata`` (default: the model's)."""
+        print(_compat.setup_table(self.spec if adata is None else _data.read_spec(adata)))
+
+    def view_setup_args(self) -> None:
+        """Print the ``setup_anndata`` arguments of the model."""
+        print(_compat.setup_table(self.spec))
+
+    def get_setup_arg(self, setup_arg: str) -> Any:
+        """One ``setup_anndata`` argument (``layer``, ``batch_key``, ``labels_key``, ``size_factor_key``)."""
+        return _compat.get_setup_arg(self.spec, setup_arg)
+
+    def get_state_registry(self, registry_key: str) -> dict[str, Any]:
+        """The categories recorded for ``"batch"`` or ``"labels"`` (scvi-tools' state registry, simplified)."""
+        return _compat.get_state_registry(self.spec, registry_key)
+
+    def get_from_registry(self, adata: anndata.AnnData, registry_key: str) -> np.ndarray:
+        """What the model reads for ``"X"``, ``"batch"``/``"labels"`` (codes) or ``"size_factor"``."""
+        return _compat.get_from_registry(self.spec, adata, registry_key)
+
+    def data_registry(self, registry_key: str | None = None) -> Any:
+        """:meth:`get_from_registry` of the model's AnnData; without a key, where each field is read from
+        (``{"X": {"attr_name": "X" | "layers", "attr_key": layer}, "batch": {"attr_name": "obs", ...}, ...}``)."""
+        if registry_key is not None:
+            return self.get_from_registry(self.adata, registry_key)
+        return _compat.registry_fields(self.spec)
+
+    def transfer_fields(self, adata: anndata.AnnData, extend_categories: bool = False, **kwargs: Any) -> None:
+        """Set ``adata`` up as the model's AnnData is (genes, layer, keys, the model's categories) and register it
+        with the model; only ``adata.uns["_scar_jax"]`` is written; ``extend_categories=True``: ``ValueError``."""
+        if kwargs:
+            raise TypeError(f"transfer_fields() got unknown keyword arguments {sorted(kwargs)}")
+        _compat.transfer_fields(self.spec, self.var_names, adata, self._records, extend_categories)
+
+    def update_setup_method_args(self, setup_method_args: dict[str, Any]) -> None:
+        """Change recorded ``setup_anndata`` arguments (``layer``, ``*_key``), e.g. after renaming a column; the
+        model's AnnData must have the new fields with the same categories."""
+        self.spec = _compat.updated_spec(self.spec, self.var_names, self.adata, setup_method_args)
+
+    @staticmethod
+    def load_registry(dir_path: str, prefix: str | None = None) -> dict[str, Any]:
+        """The setup and model record of a save, without weights or data (:func:`scar_jax.compat.load_registry`)."""
+        return _compat.load_registry(dir_path, prefix)
+
+    @classmethod
+    def register_manager(cls, adata_manager: anndata.AnnData | tuple[anndata.AnnData, _data.AnnDataSpec]) -> None:
+        """Register an AnnData's setup record (the AnnData, or ``(adata, AnnDataSpec)``) with the class."""
+        _compat.register_manager(adata_manager)
+
+    def deregister_manager(self, adata: anndata.AnnData | None = None) -> None:
+        """Forget the setup record of ``adata`` (class and model); ``None``: all but the model's own."""
+        _compat.deregister(self._records, adata, self.adata)
+
+    def get_anndata_manager(self, adata: anndata.AnnData, required: bool = False) -> _data.AnnDataSpec | None:
+        """The setup record the model uses for ``adata`` (its own, or a compatible registered one); ``None`` or,
+        when ``required``, ``ValueError``."""
+        return _compat.find_record(self.spec, self.adata, self._records, adata, required)
+
+    @property
+    def device(self) -> jax.Device:
+        """The JAX device holding the model's parameters."""
+        return next(iter(jax.tree.leaves(self._variables)[0].devices()))
+
+    def to_device(self, device: str | int | jax.Device) -> None:
+        """Move the parameters to a ``jax.Device``, a platform (``"cpu"``, ``"cuda:1"``) or a device index."""
+        self._variables = jax.device_put(self._variables, _compat.parse_device(device))
 
     # ------------------------------------------------------------------ scvi-tools interchange (needs torch)
     @classmethod
     def from_scvi_tools(
         cls, dir_path: str, adata: anndata.AnnData | None = None, prefix: str | None = None, *, seed: int = 0
     ) -> SCAR:
-        """A scar-jax model with every weight of a model saved by ``scvi.external.SCAR.save`` (``model.pt``).
-
-        Needs PyTorch to read the file (``pip install 'scar-jax[torch]'``). See :mod:`scar_jax.scvi_io`.
-        """
+        """A model with every weight of an ``scvi.external.SCAR.save`` (``model.pt``); needs PyTorch."""
         from . import scvi_io
 
         return scvi_io.from_scvi_tools(cls, dir_path, adata, prefix, seed=seed)
@@ -1033,7 +1048,6 @@ class SCAR:
 
         scvi_io.convert_legacy_save(cls, dir_path, output_dir_path, overwrite, prefix, adata)
 
-    # ------------------------------------------------------------------ display
     @property
     def summary_string(self) -> str:
         c = self.config
@@ -1046,3 +1060,6 @@ class SCAR:
 
     def __repr__(self) -> str:
         return self.summary_string
+
+
+_arguments.validate_methods(SCAR)  # numeric arguments of every public method: scar_jax/arguments.py

@@ -1,6 +1,9 @@
 """Plots (matplotlib): droplet knee plot, training history, noise ratio per group, raw vs denoised expression.
 
-Each function draws on ``ax`` (a new figure when ``None``) and returns the axes, as scanpy's do.
+Each function draws on ``ax`` (a new figure when ``None``) and returns the axes, as scanpy's do. A new
+figure uses matplotlib's constrained layout, so axis labels, tick labels and gene names stay inside it;
+labels that would overlap (long group or gene names, many groups) are turned until they do not
+(:func:`fit_labels`), on a new figure or on the ``ax`` given.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import ambient as _ambient
+from . import arguments as _arguments
 from . import data as _data
 
 
@@ -22,9 +26,69 @@ def _axes(ax: Any, figsize: tuple[float, float]) -> Any:
         return ax
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=figsize)[1]
+    return plt.subplots(figsize=figsize, layout="constrained")[1]
 
 
+def _boxes(texts: Sequence[Any], renderer: Any) -> list[Any]:
+    return [t.get_window_extent(renderer) for t in texts if t.get_visible() and t.get_text()]
+
+
+def _shown_ticklabels(axis: Any) -> list[Any]:
+    """The major and minor tick labels of ``axis`` inside its view limits (those a saved figure shows)."""
+    axis.figure.canvas.draw()
+    lo, hi = sorted(axis.get_view_interval())
+    labels = []
+    for minor in (False, True):
+        locs = axis.get_minorticklocs() if minor else axis.get_majorticklocs()
+        labels += [t for loc, t in zip(locs, axis.get_ticklabels(minor=minor), strict=False) if lo <= loc <= hi]
+    return labels
+
+
+def overlapping(texts: Sequence[Any], renderer: Any = None) -> list[tuple[str, str]]:
+    """Pairs of the (visible, non-empty) ``texts`` whose bounding boxes overlap on the drawn figure."""
+    texts = [t for t in texts if t.get_visible() and t.get_text()]
+    if not texts:
+        return []
+    figure = texts[0].figure
+    if renderer is None:
+        figure.canvas.draw()  # runs the layout: positions as they will be saved
+        renderer = figure.canvas.get_renderer()
+    boxes = _boxes(texts, renderer)
+    return [
+        (texts[i].get_text(), texts[j].get_text())
+        for i in range(len(texts))
+        for j in range(i + 1, len(texts))
+        if boxes[i].overlaps(boxes[j])
+    ]
+
+
+def fit_labels(texts: Sequence[Any], anchor: str = "top", grow: bool = False) -> None:
+    """Turn ``texts`` (tick labels below the axes: ``anchor="top"``; names above it: ``"bottom"``) by 45, then
+    90 degrees, until no two overlap. Texts that already fit are left as they are. ``grow`` (a figure the
+    plot made): the figure is made taller by the height the turned texts take, so that the axes keep theirs."""
+    texts = [t for t in texts if t.get_visible() and t.get_text()]
+    if not texts:
+        return
+    before = max(t.get_window_extent(t.figure.canvas.get_renderer()).height for t in texts) if grow else 0.0
+    _turn(texts, anchor)
+    if grow and any(t.get_rotation() for t in texts):
+        figure = texts[0].figure
+        after = max(b.height for b in _boxes(texts, figure.canvas.get_renderer()))
+        figure.set_figheight(figure.get_figheight() + max(0.0, after - before) / figure.dpi)
+
+
+def _turn(texts: list[Any], anchor: str) -> None:
+    for angle in (a for a in (45, 90) if a > max(t.get_rotation() for t in texts)):
+        if not overlapping(texts):
+            return
+        for t in texts:
+            t.set_rotation(angle)
+            t.set_rotation_mode("anchor")
+            t.set_horizontalalignment("right" if anchor == "top" else "left")
+            t.set_verticalalignment("center" if angle == 90 else ("top" if anchor == "top" else "bottom"))
+
+
+@_arguments.checked
 def knee_plot(
     raw_adata: anndata.AnnData,
     adata: anndata.AnnData | None = None,
@@ -72,6 +136,10 @@ def history(model: Any, keys: tuple[str, ...] = ("elbo_train", "elbo_validation"
             ax.plot(model.history[key].index, model.history[key].iloc[:, 0], label=key)
     ax.set(xlabel="epoch", ylabel="per cell", yscale="log")
     ax.legend(frameon=False)
+    if overlapping(_shown_ticklabels(ax.yaxis)):  # a narrow log range labels its minor ticks too: too many
+        from matplotlib.ticker import NullFormatter
+
+        ax.yaxis.set_minor_formatter(NullFormatter())
     return ax
 
 
@@ -114,23 +182,13 @@ def noise_ratio(
     """
     if kind not in ("violin", "box"):
         raise ValueError(f"kind must be 'violin' or 'box', got {kind!r}")
-    if isinstance(adata_or_model, anndata.AnnData):
-        obs = adata_or_model.obs
-        if key not in obs:
-            raise ValueError(
-                f"obs[{key!r}] not found; run scar-jax denoise or set obs[{key!r}] = model.get_noise_ratio()"
-            )
-        values = obs[key].to_numpy(np.float64)
-    elif hasattr(adata_or_model, "get_noise_ratio") and hasattr(adata_or_model, "adata"):
-        obs = adata_or_model.adata.obs
-        values = np.asarray(adata_or_model.get_noise_ratio(), np.float64)
-    else:
-        raise TypeError(f"expected an AnnData or a SCAR model, got {type(adata_or_model).__name__}")
+    obs, values = _noise_values(adata_or_model, key)
     names, codes = _groups(obs, groupby, len(values))
     data = [values[(codes == g) & np.isfinite(values)] for g in range(len(names))]
     keep = [i for i, d in enumerate(data) if len(d)]
     names, data = [names[i] for i in keep], [data[i] for i in keep]
     positions = np.arange(1, len(data) + 1)
+    created = ax is None
     ax = _axes(ax, (max(3.0, 0.8 * len(data) + 1.5), 3.5))
     if kind == "violin":
         spread = [i for i, d in enumerate(data) if len(np.unique(d)) > 1]
@@ -150,7 +208,25 @@ def noise_ratio(
         line.set_gid(f"median:{name}")
     ax.set_xticks(positions, [f"{n}\n(n={len(d)})" for n, d in zip(names, data, strict=True)])
     ax.set(xlabel=groupby or "", ylabel="noise ratio (ambient fraction)", xlim=(0.4, len(data) + 0.6))
+    fit_labels(ax.get_xticklabels(), grow=created)
     return ax
+
+
+def _noise_values(adata_or_model: Any, key: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The cells' ``obs`` and noise ratios: ``obs[key]`` of an AnnData, or a model's ``get_noise_ratio()``."""
+    if isinstance(adata_or_model, anndata.AnnData):
+        obs = adata_or_model.obs
+        if key not in obs:
+            raise ValueError(
+                f"obs[{key!r}] not found; run scar-jax denoise or set obs[{key!r}] = model.get_noise_ratio()"
+            )
+        values = obs[key].to_numpy(np.float64)
+    elif hasattr(adata_or_model, "get_noise_ratio") and hasattr(adata_or_model, "adata"):
+        obs = adata_or_model.adata.obs
+        values = np.asarray(adata_or_model.get_noise_ratio(), np.float64)
+    else:
+        raise TypeError(f"expected an AnnData or a SCAR model, got {type(adata_or_model).__name__}")
+    return obs, values
 
 
 def _layer(adata: anndata.AnnData, layer: str | None) -> Any:
@@ -211,19 +287,24 @@ def denoised_expression(
     denoised = _group_means(_layer(adata, denoised_layer), cols, codes, len(names))
     n_groups = len(names)
     x = np.concatenate([i * (n_groups + 1) + np.arange(n_groups) for i in range(len(genes))]).astype(float)
-    ax = _axes(ax, (max(4.0, 0.45 * len(x) + 1.5), 3.5))
+    names_width = sum(0.1 * (len(str(g)) + 2) for g in genes)  # inches: the gene names side by side, bold 10 pt
+    created = ax is None
+    ax = _axes(ax, (max(4.0, 0.3 * len(x) + 1.5, names_width + 1.5), 3.5))
     width = 0.4
     ax.bar(x - width / 2, raw.T.ravel(), width, label="raw", color="lightgrey", edgecolor="grey")
     ax.bar(x + width / 2, denoised.T.ravel(), width, label="denoised", color="tab:red")
-    ax.set_xticks(x, names * len(genes), rotation=90 if n_groups > 1 else 0)
+    ax.set_xticks(x, names * len(genes))  # turned by fit_labels below if they overlap
     transform = ax.get_xaxis_transform()
+    titles = []
     for i, gene in enumerate(genes):
         center = i * (n_groups + 1) + (n_groups - 1) / 2
-        ax.text(center, 1.01, gene, transform=transform, ha="center", va="bottom", fontweight="bold")
+        titles.append(ax.text(center, 1.01, gene, transform=transform, ha="center", va="bottom", fontweight="bold"))
         if i:
             ax.axvline(i * (n_groups + 1) - 1, color="lightgrey", lw=0.8)
     ax.set(ylabel="mean counts per cell", xlabel=groupby or "")
     if log:
         ax.set_yscale("log")
     ax.legend(frameon=False)
+    fit_labels(ax.get_xticklabels(), grow=created)
+    fit_labels(titles, anchor="bottom", grow=created)
     return ax

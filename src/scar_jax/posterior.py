@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from .denoise import binomial_split, native_share  # noqa: F401 (binomial_split: re-exported)
 from .likelihoods import PROBS_EPS, RATE_FLOOR, log_binomial_coefficient, make_likelihood, mixture_probs
 from .nets import SCARNet
 from .vae import (
@@ -31,6 +32,9 @@ from .vae import (
     standard_normal_noise,
 )
 
+Variables = dict[str, Any]  # the Flax variables of a SCAR network
+Array = jax.Array
+
 
 class HostCells(NamedTuple):
     """Cells on the host: counts ``(n, G)`` (dense or CSR), library ``(n, 1)``, batch index ``(n,)``."""
@@ -42,7 +46,7 @@ class HostCells(NamedTuple):
     gene_totals: np.ndarray | None = None  # (n_genes,) counts per gene, when known (the default ambient profile)
 
 
-def fold_in_each(cell_keys: jax.Array, data: int | jax.Array) -> jax.Array:
+def fold_in_each(cell_keys: Array, data: int | jax.Array) -> jax.Array:
     """``fold_in(key, data)`` for each of the ``(n,)`` per-cell keys (one stream per draw or purpose)."""
     return jax.vmap(jax.random.fold_in, (0, None))(cell_keys, data)
 
@@ -53,13 +57,13 @@ def _net(config: SCARConfig) -> SCARNet:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def encode(config: SCARConfig, variables: dict[str, Any], x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def encode(config: SCARConfig, variables: Variables, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean and variance of q(z | x), each ``(n, n_latent)``."""
     return _net(config).apply(variables, x, method="encode")
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def decode_at_mean(config: SCARConfig, variables: dict[str, Any], x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def decode_at_mean(config: SCARConfig, variables: Variables, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Native frequencies ``(n, G)`` and noise ratio ``(n, 1)`` decoded from the posterior mean of z."""
     net = _net(config)
     z_mean, _ = net.apply(variables, x, method="encode")
@@ -69,7 +73,7 @@ def decode_at_mean(config: SCARConfig, variables: dict[str, Any], x: jax.Array) 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def logistic_normal_mean(
-    config: SCARConfig, variables: dict[str, Any], x: jax.Array, cell_keys: jax.Array, mc_samples: int
+    config: SCARConfig, variables: Variables, x: jax.Array, cell_keys: Array, mc_samples: int
 ) -> jax.Array:
     """Monte Carlo mean of softmax(z), z ~ q(z | x), over ``mc_samples`` draws, ``(n, n_latent)``."""
     z_mean, z_var = encode(config, variables, x)
@@ -84,7 +88,7 @@ def logistic_normal_mean(
 
 @functools.partial(jax.jit, static_argnums=0)
 def elbo_terms(
-    config: SCARConfig, variables: dict[str, Any], batch: Batch, ambient_profile: jax.Array, cell_keys: jax.Array
+    config: SCARConfig, variables: Variables, batch: Batch, ambient_profile: Array, cell_keys: Array
 ) -> tuple[jax.Array, jax.Array]:
     """Per-cell reconstruction NLL (full ambient mixture) and KL with one z draw, each ``(n,)``."""
     out, _ = forward(_net(config), variables, batch.x, cell_keys, train=False)
@@ -94,7 +98,7 @@ def elbo_terms(
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def denoised_counts_expected(
-    config: SCARConfig, variables: dict[str, Any], batch: Batch, n_samples: int, cell_keys: jax.Array
+    config: SCARConfig, variables: Variables, batch: Batch, n_samples: int, cell_keys: Array
 ) -> jax.Array:
     """scvi-tools' denoised counts: ``N_i (1 - eps_i) phi_ig`` stochastically rounded, median over draws.
 
@@ -115,58 +119,45 @@ def denoised_counts_expected(
     return draws[0] if n_samples == 1 else jnp.median(draws, axis=0)
 
 
-def native_share(native_frequencies: jax.Array, noise_ratio: jax.Array, ambient: jax.Array) -> jax.Array:
-    """Posterior native share of each observed count, ``(n, G)`` in [0, 1].
-
-    ``w = (1 - eps) phi / ((1 - eps) phi + eps a)``, and 0 where both native and ambient mass are 0.
-    ``ambient`` is the per-cell profile ``(n, G)`` or one profile ``(1, G)``.
-    """
-    native = (1.0 - noise_ratio) * native_frequencies
-    total = native + noise_ratio * ambient
-    return jnp.where(total > 0, native / jnp.where(total > 0, total, 1.0), 0.0)
-
-
-def split_counts(x: jax.Array, share: jax.Array, cell_keys: jax.Array) -> jax.Array:
-    """``Binomial(x, share)`` draws ``(n, G)`` (float32, integral), one key per cell: ``0 <= draw <= x``."""
-    draws = jax.vmap(lambda k, n, p: jax.random.binomial(k, n, p))(cell_keys, x, share)
-    return draws.astype(jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def denoised_counts_posterior_split(
-    config: SCARConfig,
-    variables: dict[str, Any],
-    batch: Batch,
-    ambient_profile: jax.Array,
-    n_samples: int,
-    sample: bool,
-    cell_keys: jax.Array,
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def denoised_counts_split_mean(
+    config: SCARConfig, variables: Variables, batch: Batch, ambient_profile: Array, n_samples: int, cell_keys: Array
 ) -> jax.Array:
-    """Count-preserving denoising: each observed count is native with its posterior share.
+    """Mean of the count-preserving split: each observed count times its posterior native share.
 
     .. code-block:: text
 
         w_ig = (1 - eps_i) phi_ig / ((1 - eps_i) phi_ig + eps_i a_{b(i) g})
-        denoised_ig ~ Binomial(x_ig, w_ig)
+        denoised_ig = x_ig w_ig
 
-    with ``phi`` and ``eps`` decoded from one draw of z per sample (a draw of the posterior), and the
-    median over ``n_samples`` draws. ``sample=False`` returns the posterior mean ``x * w`` (averaged over
-    the draws) instead of binomial draws. In both cases ``0 <= result <= x`` and zeros stay zero.
+    with ``phi`` and ``eps`` decoded from one draw of z per sample (a draw of the posterior), averaged over
+    ``n_samples`` draws; ``0 <= result <= x`` and zeros stay zero. The split itself (binomial draws) is
+    :func:`native_share_at_counts` with :func:`scar_jax.denoise.binomial_split`.
     """
     ambient = cell_ambient_profile(ambient_profile, batch.batch_index)
 
     def one_draw(s):
         keys = fold_in_each(cell_keys, s)
         out, _ = forward(_net(config), variables, batch.x, keys, train=False)
-        share = native_share(out.native_frequencies, out.noise_ratio, ambient)
-        if not sample:
-            return batch.x * share
-        return split_counts(batch.x, share, fold_in_each(keys, 2))
+        return batch.x * native_share(out.native_frequencies, out.noise_ratio, ambient)
 
-    draws = jax.lax.map(one_draw, jnp.arange(n_samples))  # (n_samples, n, G)
-    if not sample:
-        return draws.mean(axis=0)
-    return draws[0] if n_samples == 1 else jnp.floor(jnp.median(draws, axis=0))
+    return jax.lax.map(one_draw, jnp.arange(n_samples)).mean(axis=0)  # (n_samples, n, G) -> (n, G)
+
+
+def denoised_counts_posterior_split(
+    config: SCARConfig,
+    variables: Variables,
+    batch: Batch,
+    ambient_profile: Array,
+    n_samples: int,
+    sample: bool,
+    cell_keys: Array,
+) -> jax.Array:
+    """:func:`denoised_counts_split_mean` under its former name (``sample`` must be False: the binomial draws
+    are :func:`scar_jax.denoise.binomial_split`). Kept for the callers of the old name."""
+    if sample:
+        raise ValueError("sample=True is gone: draw with native_share_at_counts and denoise.binomial_split")
+    return denoised_counts_split_mean(config, variables, batch, ambient_profile, n_samples, cell_keys)
 
 
 def _dense_rows(x: np.ndarray | sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
@@ -238,12 +229,7 @@ def map_chunks(
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def log_marginal_likelihood(
-    config: SCARConfig,
-    variables: dict[str, Any],
-    batch: Batch,
-    ambient_profile: jax.Array,
-    n_mc_samples: int,
-    cell_keys: jax.Array,
+    config: SCARConfig, variables: Variables, batch: Batch, ambient_profile: Array, n_mc_samples: int, cell_keys: Array
 ) -> jax.Array:
     """Importance-sampling estimate of ``log p(x)`` per cell, ``(n,)``, with q(z | x) as proposal.
 
@@ -274,12 +260,7 @@ def log_marginal_likelihood(
 
 
 def _native_expression_draw(
-    config: SCARConfig,
-    variables: dict[str, Any],
-    batch: Batch,
-    latent_library: bool,
-    cell_keys: jax.Array,
-    draw: jax.Array,
+    config: SCARConfig, variables: Variables, batch: Batch, latent_library: bool, cell_keys: Array, draw: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Draw ``draw`` of z and its native expression: ``phi`` or, with ``latent_library``, ``N (1 - eps) phi``."""
     out, _ = forward(_net(config), variables, batch.x, fold_in_each(cell_keys, draw), train=False)
@@ -292,12 +273,12 @@ def _native_expression_draw(
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
 def native_expression_samples(
     config: SCARConfig,
-    variables: dict[str, Any],
+    variables: Variables,
     batch: Batch,
     n_samples: int,
     latent_library: bool,
     return_mean: bool,
-    cell_keys: jax.Array,
+    cell_keys: Array,
 ) -> jax.Array:
     """Normalized native expression from ``n_samples`` draws of z: ``(n, G)`` mean or ``(S, n, G)``.
 
@@ -316,12 +297,7 @@ def native_expression_samples(
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def posterior_predictive(
-    config: SCARConfig,
-    variables: dict[str, Any],
-    batch: Batch,
-    ambient_profile: jax.Array,
-    n_samples: int,
-    cell_keys: jax.Array,
+    config: SCARConfig, variables: Variables, batch: Batch, ambient_profile: Array, n_samples: int, cell_keys: Array
 ) -> jax.Array:
     """``(S, n, G)`` draws of x from p(x | z) (the full ambient mixture likelihood), z ~ q(z | x) each."""
 
@@ -344,12 +320,7 @@ def posterior_predictive(
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def likelihood_parameters(
-    config: SCARConfig,
-    variables: dict[str, Any],
-    batch: Batch,
-    ambient_profile: jax.Array,
-    give_mean: bool,
-    cell_keys: jax.Array,
+    config: SCARConfig, variables: Variables, batch: Batch, ambient_profile: Array, give_mean: bool, cell_keys: Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean ``l * p`` of p(x | z) ``(n, G)``, dispersion ``theta`` ``(n, G)`` and zero-inflation probability.
 
@@ -366,12 +337,7 @@ def likelihood_parameters(
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def native_expression_and_latent(
-    config: SCARConfig,
-    variables: dict[str, Any],
-    batch: Batch,
-    n_samples: int,
-    latent_library: bool,
-    cell_keys: jax.Array,
+    config: SCARConfig, variables: Variables, batch: Batch, n_samples: int, latent_library: bool, cell_keys: Array
 ) -> tuple[jax.Array, jax.Array]:
     """The draws of :func:`native_expression_samples` ``(S, n, G)`` with their latent draws z ``(S, n, L)``.
 
@@ -401,10 +367,10 @@ def anchor_log_constant(config: SCARConfig, anchors: Batch) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=0)
 def anchor_log_likelihood(
     config: SCARConfig,
-    variables: dict[str, Any],
+    variables: Variables,
     z: jax.Array,
     anchors: Batch,
-    ambient_profile: jax.Array,
+    ambient_profile: Array,
     log_constant: jax.Array,
 ) -> jax.Array:
     """``log p(x_a | z_k)`` of every anchor cell ``a`` under every latent draw ``z_k``, ``(K, A)``.
@@ -451,19 +417,13 @@ def anchor_log_likelihood(
     return jax.lax.map(one_draw, jnp.arange(z.shape[0]))
 
 
-
 @functools.partial(jax.jit, static_argnums=0)
 def native_share_at_counts(
-    config: SCARConfig,
-    variables: dict[str, Any],
-    batch: Batch,
-    ambient_profile: jax.Array,
-    draw: jax.Array,
-    cell_keys: jax.Array,
+    config: SCARConfig, variables: Variables, batch: Batch, ambient_profile: Array, draw: jax.Array, cell_keys: Array
 ) -> jax.Array:
     """Native share ``w`` ``(n, G)`` of draw ``draw`` of z, kept only where a count was observed.
 
-    The same z as draw ``draw`` of :func:`denoised_counts_posterior_split`. Where ``x > 0`` the share is
+    The same z as draw ``draw`` of :func:`denoised_counts_split_mean`. Where ``x > 0`` the share is
     raised to at least float32's smallest normal number, so the non-zeros of the result are exactly
     those of ``x`` (a CSR of it aligns entry by entry with the counts' CSR); elsewhere 0.
     """
@@ -473,25 +433,3 @@ def native_share_at_counts(
         out.native_frequencies, out.noise_ratio, cell_ambient_profile(ambient_profile, batch.batch_index)
     )
     return jnp.where(batch.x > 0, jnp.maximum(share, jnp.finfo(jnp.float32).tiny), 0.0)
-
-
-def binomial_split(counts: sp.csr_matrix, share: sp.csr_matrix, cells: np.ndarray, seed: int, draw: int) -> np.ndarray:
-    """``Binomial(x, w)`` for every stored count, on the host, ``(nnz,)`` aligned with ``counts.data``.
-
-    ``counts`` and ``share`` are CSR with the same pattern (canonical: sorted indices, no stored zeros;
-    see :func:`native_share_at_counts`); row ``i`` is the cell ``cells[i]`` and draws from its own stream
-    ``numpy.random.default_rng([seed, draw, cells[i]])``, so a cell's result depends neither on the chunking
-    nor on which other cells are denoised. NumPy's binomial sampler is ~20x faster on the CPU than
-    ``jax.random.binomial`` over dense chunks (zeros included), which made the split the slowest step.
-    """
-    if share.nnz != counts.nnz or not np.array_equal(share.indptr, counts.indptr):
-        raise ValueError("share must have the same sparsity pattern as counts (see native_share_at_counts)")
-    n = np.rint(counts.data).astype(np.int64)
-    p = np.clip(share.data.astype(np.float64), 0.0, 1.0)
-    out = np.empty(counts.nnz, np.float32)
-    indptr = counts.indptr
-    for i, cell in enumerate(np.asarray(cells, np.int64)):
-        start, stop = indptr[i], indptr[i + 1]
-        if stop > start:
-            out[start:stop] = np.random.default_rng([seed, draw, int(cell)]).binomial(n[start:stop], p[start:stop])
-    return out

@@ -413,6 +413,29 @@ def _ambient_from_adata(adata: Any, key: str) -> np.ndarray:
     raise ValueError(f"the saved ambient profile is adata.varm[{key!r}], which this adata lacks")
 
 
+def _saved_ambient(ambient: Any, adata: Any, n_genes: int) -> tuple[np.ndarray, float]:
+    """The ``(1, n_genes)`` float32 profile an scvi-tools model used, and its sum (warned unless 1)."""
+    if ambient is None:  # scvi-tools' default: the mean profile of adata.X
+        x = adata.X
+        ambient = np.asarray(x.sum(axis=0), np.float64).reshape(1, -1)
+        ambient = (ambient / ambient.sum()).astype(np.float32)
+    elif isinstance(ambient, str):
+        ambient = np.nan_to_num(_ambient_from_adata(adata, ambient)).astype(np.float32).reshape(1, -1)
+    if ambient.shape != (1, n_genes):
+        raise ValueError(f"the saved ambient profile has shape {ambient.shape}, expected (1, {n_genes})")
+    total = float(ambient.astype(np.float64).sum())
+    if not np.isfinite(ambient).all() or (ambient < 0).any() or total <= 0:
+        raise ValueError("the saved ambient profile must be finite, non-negative and not all zero")
+    if abs(total - 1.0) > 1e-3:
+        warnings.warn(
+            f"the scvi-tools model's ambient profile sums to {total:.6g}, not 1; scvi-tools uses it "
+            "unnormalised, and so does the imported model",
+            UserWarning,
+            stacklevel=3,
+        )
+    return ambient, total
+
+
 def from_scvi_tools(
     cls: type,
     dir_path: str | os.PathLike,
@@ -462,37 +485,24 @@ def from_scvi_tools(
     n_genes = variables["params"]["px_r"].shape[1]
     if n_genes != adata.n_vars:
         raise ValueError(f"the saved weights are for {n_genes} genes, adata has {adata.n_vars}")
-    ambient = saved["ambient_profile"]
-    if ambient is None:  # scvi-tools' default: the mean profile of adata.X
-        x = adata.X
-        ambient = np.asarray(x.sum(axis=0), np.float64).reshape(1, -1)
-        ambient = (ambient / ambient.sum()).astype(np.float32)
-    elif isinstance(ambient, str):
-        ambient = np.nan_to_num(_ambient_from_adata(adata, ambient)).astype(np.float32).reshape(1, -1)
-    if ambient.shape != (1, n_genes):
-        raise ValueError(f"the saved ambient profile has shape {ambient.shape}, expected (1, {n_genes})")
-    total = float(ambient.astype(np.float64).sum())
-    if not np.isfinite(ambient).all() or (ambient < 0).any() or total <= 0:
-        raise ValueError("the saved ambient profile must be finite, non-negative and not all zero")
-    if abs(total - 1.0) > 1e-3:
-        warnings.warn(
-            f"the scvi-tools model's ambient profile sums to {total:.6g}, not 1; scvi-tools uses it "
-            "unnormalised, and so does the imported model",
-            UserWarning,
-            stacklevel=2,
-        )
+    ambient, total = _saved_ambient(saved["ambient_profile"], adata, n_genes)
     cls.setup_anndata(adata, **saved["setup_args"])
-    model = cls(adata, ambient_profile=(ambient[0] / total).astype(np.float64), seed=seed, **hyper)
-    model.ambient_profile = np.ascontiguousarray(ambient, dtype=np.float32)  # exactly the profile scvi used
+    # checks the data and the hyper-parameters as SCAR(...) does
+    checked = cls(adata, ambient_profile=(ambient[0] / total).astype(np.float64), seed=seed, **hyper)
     # same tree as the model's own (raises if the structures differ), with its dtypes, as device arrays
-    model._variables = jax.tree.map(lambda t, v: jax.numpy.asarray(v, t.dtype), model._variables, variables)
-    model._state = None
-    model.is_trained = saved["is_trained"]
-    model.history_rows = saved["history_rows"]
-    model.train_indices = saved["train_indices"]
-    model.validation_indices = saved["validation_indices"]
-    model.test_indices = saved["test_indices"]
-    return model
+    variables = jax.tree.map(lambda t, v: jax.numpy.asarray(v, t.dtype), checked.variables, variables)
+    return cls._from_parts(
+        adata,
+        checked.spec,
+        checked.config,
+        seed=seed,
+        feature_type=checked.feature_type,
+        ambient_profile=np.ascontiguousarray(ambient, dtype=np.float32),  # exactly the profile scvi used
+        variables=variables,
+        is_trained=saved["is_trained"],
+        history_rows=saved["history_rows"],
+        split=(saved["train_indices"], saved["validation_indices"], saved["test_indices"]),
+    )
 
 
 def convert_legacy_save(
@@ -527,8 +537,10 @@ def _minimal_adata(model: Any) -> Any:
     import anndata
     import pandas as pd
 
+    from .data import counts_field
+
     source, spec = model.adata, model.spec
-    counts = source.X if spec.layer is None else source.layers[spec.layer]
+    counts = counts_field(source, spec)  # X or the setup's layer, as stored
     columns = [k for k in (spec.batch_key, spec.labels_key, spec.size_factor_key) if k is not None]
     obs = source.obs[list(dict.fromkeys(columns))].copy() if columns else pd.DataFrame(index=source.obs_names)
     obs.index = np.asarray(source.obs_names).astype(str)
@@ -584,7 +596,7 @@ def export_scvi_tools(
         scvi_model = scvi.external.SCAR(small, ambient_profile=torch.from_numpy(ambient.copy()), **hyper)
     module = scvi_model.module
     state = module.state_dict()
-    mapped = variables_to_state_dict(_numpy_tree(model._variables), config.n_layers)
+    mapped = variables_to_state_dict(_numpy_tree(model.variables), config.n_layers)
     for key, value in mapped.items():
         if key not in state:
             raise RuntimeError(f"scvi-tools' SCAR module has no weight {key!r}: an incompatible scvi-tools version")

@@ -1,0 +1,151 @@
+r"""Calibrated noise ratio and native shares for low contamination, as pure functions over arrays.
+
+The derivation, and why the reference model over-estimates the noise ratio (``eps`` is identified only by
+the genes a cell does not express, and the decoder's sparse activation sets some expressed genes to zero),
+are in docs/model.md, section "Calibration"; the measured accuracy, speed and memory are in
+docs/benchmarks.md. The contract:
+
+:func:`calibrate` ``(counts, latent, ambient, ...)`` -> ``(noise_ratio (n,), share)``: neighbourhoods are the
+``k`` cells closest in counts among the ``2k`` nearest in the latent space (:func:`count_checked_neighbours`);
+:func:`calibrated_native_share` fits the
+empirical-Bayes posterior below on the pooled counts; :func:`scar_jax.denoise.calibrated_split` draws
+``Binomial(x, share)``.
+
+The model (an empirical-Bayes posterior on pooled neighbourhoods)
+-----------------------------------------------------------------
+For cell ``i`` with neighbourhood ``J(i)`` (its ``k`` nearest cells, itself included), pool the counts
+``X_ig = sum_{j in J(i)} x_jg`` and split the pooled library into its native and ambient parts
+``T_i = sum_j (1 - eps_j) N_j`` and ``B_i = sum_j eps_j N_j``. Each gene is either *off* in the
+neighbourhood (no native expression) or *on*, with the spike-and-slab model
+
+.. code-block:: text
+
+    off (prob 1 - pi_i):  X_ig ~ Poisson(B_i a_g)
+    on  (prob pi_i):      X_ig ~ NB(mean mu_ig = (T_i s_i + B_i) a_g, shape alpha)
+
+The posterior probability that the gene is on is
+
+.. code-block:: text
+
+    q_ig = pi_i L_on / (pi_i L_on + (1 - pi_i) L_off),
+    log L_on  = lgamma(X + alpha) - lgamma(alpha) - lgamma(X + 1)
+                + alpha log(alpha / (alpha + mu)) + X log(mu / (alpha + mu))
+    log L_off = X log(B a) - B a - lgamma(X + 1)
+
+and, given on, the posterior mean rate is ``lambda_hat = (alpha + X) / (alpha / mu + 1)``, whose
+native part ``theta_ig = max(lambda_hat - B_i a_g, 0) / T_i`` is the neighbourhood's native frequency.
+A count of gene ``g`` in cell ``i`` is native with probability
+
+.. code-block:: text
+
+    w_ig = q'_ig (1 - eps_i) theta_ig / ((1 - eps_i) theta_ig + eps_i a_g),   q' = c q / (c q + 1 - q)
+
+(``c``: ``expressed_prior_odds``; 1 where ``a_g = 0``). The updates, until no noise ratio changes by more
+than a relative ``tol``:
+
+.. code-block:: text
+
+    pi_i = mean_g q_ig,   s_i = 1 / sum_g q_ig a_g,
+    eps_i = sum_g (1 - q_ig) x_ig / (N_i sum_g (1 - q_ig) a_g)
+
+with ``1 - q`` below ``OFF_PROBABILITY_FLOOR`` (2^-53) taken as zero, and every cell starting at
+``START_NOISE_RATIO``. With one ambient profile per batch, ``B_i a_g`` becomes
+``bg_ig = sum_{j in J(i)} eps_j N_j a_{b(j) g}`` and cell ``i``'s slab, share and noise ratio use
+``a_{b(i)}``. The loop runs in float32 on the default JAX device (:mod:`.loop`), over the stored entries
+in blocks of ``CHUNK_ENTRIES`` (:mod:`.blocks`); :func:`neighbourhood_posterior` is its float64 oracle.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..denoise import calibrated_split  # noqa: F401 (re-exported)
+from .blocks import CHUNK_ENTRIES  # noqa: F401 (re-exported)
+from .knn import (  # noqa: F401 (re-exported)
+    EXACT_KNN_MAX_CELLS,
+    NEIGHBOUR_CANDIDATES,
+    _check_metric,
+    _pool,
+    count_checked_neighbours,
+    hellinger_affinity,
+    knn_indices,
+    pool_counts,
+)
+from .loop import OFF_PROBABILITY_FLOOR  # noqa: F401 (re-exported)
+from .oracle import neighbourhood_posterior
+from .share import calibrated_native_share
+
+__all__ = [
+    "calibrate",
+    "calibrated_native_share",
+    "calibrated_split",
+    "count_checked_neighbours",
+    "hellinger_affinity",
+    "knn_indices",
+    "neighbourhood_posterior",
+    "pool_counts",
+]
+
+# calibrate warns above this mean noise ratio: most counts are then called ambient, which happens when the latent
+# neighbourhoods mix cell types (e.g. a model trained too few epochs; docs/benchmarks.md)
+IMPLAUSIBLE_NOISE_RATIO = 0.5
+START_NOISE_RATIO = 0.01  # where calibrate starts the iteration (the lowest self-consistent point is wanted)
+# The removal/retention knob's default for users (calibrate, SCAR.get_denoised_counts): c < 1 removes more of the
+# contamination at a small cost in retention; chosen on the measurements of docs/benchmarks.md ("Calibration").
+DEFAULT_EXPRESSED_PRIOR_ODDS = 0.1
+
+
+def calibrate(
+    counts: np.ndarray | sp.spmatrix,
+    latent: np.ndarray,
+    ambient: np.ndarray,
+    batch_index: np.ndarray | None = None,
+    n_neighbours: int = 50,
+    n_iter: int = 50,
+    alpha: float = 1.0,
+    expressed_prior_odds: float = DEFAULT_EXPRESSED_PRIOR_ODDS,
+    share_at: Literal["all", "observed"] = "all",
+    metric: Literal["cosine", "euclidean"] = "cosine",
+    neighbour_candidates: int = NEIGHBOUR_CANDIDATES,
+) -> tuple[np.ndarray, np.ndarray | sp.csr_matrix]:
+    """Calibrated noise ratio ``(n,)`` and native share of counts ``(n, G)`` with latent vectors ``(n, d)``.
+
+    Neighbourhoods are the ``n_neighbours`` cells (capped at ``n``) closest in counts among the
+    ``neighbour_candidates * n_neighbours`` nearest in ``latent`` (:func:`count_checked_neighbours`; ``metric``:
+    see :func:`knn_indices`; ``neighbour_candidates=1``: the latent neighbours alone, the earlier default).
+    At 100 cells every cell is a candidate and the neighbourhoods (50 cells) are chosen by counts; at 1,000
+    and 100,000 cells by counts among the 100 latent candidates (exact up to ``EXACT_KNN_MAX_CELLS``,
+    approximate above). The noise ratio starts at ``START_NOISE_RATIO`` for every cell, not at a model's estimate, whose
+    over-estimate can lead the iteration to a spurious high fixed point. ``ambient``: ``(G,)``, or
+    ``(n_batches, G)`` with ``batch_index`` ``(n,)`` (one profile per batch). Returns
+    :func:`calibrated_native_share`'s noise ratio and share (dense, or CSR at the stored counts with
+    ``share_at="observed"``); :func:`scar_jax.denoise.calibrated_split` is the count-preserving split, ``x * share``
+    its mean. Warns when the mean noise ratio is above ``IMPLAUSIBLE_NOISE_RATIO``.
+    """
+    _check_metric(metric)
+    neighbours = count_checked_neighbours(latent, counts, n_neighbours, neighbour_candidates, metric=metric)
+    eps, share = calibrated_native_share(
+        counts,
+        neighbours,
+        ambient,
+        np.full(counts.shape[0], START_NOISE_RATIO),
+        n_iter,
+        alpha,
+        expressed_prior_odds=expressed_prior_odds,
+        share_at=share_at,
+        batch_index=batch_index,
+    )
+    if float(np.mean(eps)) > IMPLAUSIBLE_NOISE_RATIO:
+        warnings.warn(
+            f"the calibrated mean noise ratio is {np.mean(eps):.2f}: most counts are called ambient. This "
+            f"happens when the latent neighbourhoods do not separate cell types (their pooled profile is then "
+            f"the ambient profile itself), e.g. after too few epochs: train longer (the default max_epochs), "
+            f"check the ambient profile, or use method='split'",
+            UserWarning,
+            stacklevel=2,
+        )
+    return eps, share

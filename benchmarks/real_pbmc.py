@@ -263,6 +263,12 @@ def print_calibrated(r: dict, n_neighbours: int) -> None:
     for label, s, above in rows:
         cells = " | ".join(f"{100 * s[g]['removed_out']:>11.1f}% / {100 * s[g]['kept_in']:>7.2f}%" for g in groups)
         print(f"{label:<22} | {cells} | {above}")
+    print("kept inside / what a correct removal keeps (1 - soup in), issue 19's criterion (>= 0.99):")
+    for label, s, _ in rows:
+        print(
+            f"  {label:<22} "
+            + ", ".join(f"{g.split(' ')[0]} {s[g]['kept_in'] / (1 - s[g]['soup_in']):.4f}" for g in groups)
+        )
 
 
 if __name__ == "__main__":

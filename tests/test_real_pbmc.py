@@ -28,14 +28,11 @@ the rest of the marker counts is not ambient (doublets, real expression), so rem
 what a correct removal does. Inside, a correct removal keeps ~96.5% of CD3E: the 95% floor is close to the
 physical limit there. HBB has no counts at all in these cells (0 outside, no own lineage), so only that is tested.
 
-Calibrated denoising (issue 10; ``method="calibrated"``, ``n_neighbours=50``, ``expressed_prior_odds=1``, same fit,
-seed 0; ``benchmarks/real_pbmc.py --calibrated``): removed outside / kept inside MNP 88.7% / 97.16%, B 66.2% /
-98.96%, CD3E 58.4% / 96.23% (split: 96.4 / 96.60, 60.6 / 98.89, 60.9 / 95.85), calibrated mean noise ratio 0.071
-(model 0.068). ``expressed_prior_odds=0.1`` gives the same figures to 0.1 point here. Inside the lineage the soup
-explains 2.1% (MNP) and 3.5% (CD3E) of the counts, so keeping >= 99% there is not what a correct removal does.
-The iteration starts at a noise ratio of 0.01 (``calibration.START_NOISE_RATIO``): started from the model's own
-0.35 at ``sparsity=0.9`` it reached a wrong fixed point (0.74; kept inside 77 / 90 / 58%); from 0.01 that fit gives
-0.072 and 90.5 / 97.2, 61.5 / 99.3, 50.3 / 96.5.
+Calibrated denoising (the default, ``method="calibrated"``, ``n_neighbours=50``, knob 0.1; figures for seeds 0-2
+beside ``CAL_MIN_REMOVED_OUT``): it keeps more inside than the split (97.8-98.1% of the in-lineage MNP markers,
+i.e. all that a correct removal keeps) and removes less outside (80.6-85.8%). Its mean noise ratio is 0.058-0.060,
+at the soup's 0.058. The iteration starts at a noise ratio of 0.01 (``calibration.START_NOISE_RATIO``): started
+from the model's own 0.35 at ``sparsity=0.9`` it reached a wrong fixed point (0.74; kept inside 77 / 90 / 58%).
 
 NK cells are excluded for CD3E: they carry CD3E at ~80-90% of the T-cell level per UMI, ~25x what the soup
 explains, so their counts are native (NK cells transcribe CD3E; the cluster holds NKT-like cells) and belong to
@@ -136,15 +133,30 @@ def test_noise_ratio_near_soup_estimate(pbmc):
     assert 0.03 <= noise.mean() <= 0.12
 
 
-# method="calibrated" (issue 10), seed 0: removed outside / kept inside 88.7 / 97.16, 66.2 / 98.96, 58.4 / 96.23
-# CD3E outside T cells: 58.4% removed when measured first (2026-11-25), 49.7% on 2026-12-03 with the same code and
-# package versions on another machine (floating-point differences of XLA's CPU code change the fit; MNP 87.3%,
-# B 65.4% there): the floor for T is the split's (seeds 0-2 removed 49-59%). Cosine neighbourhoods (the default
-# since 2026-12-03; the figures above are Euclidean), same machine: MNP 87.2 / 97.75, B 61.7 / 99.16, T 52.8 / 96.38.
-# B: 0.555 measured on another machine (issue 19) and here on 2026-12-05 with the soup's zeros honoured (the counts of
-# genes the soup never saw are kept); floor 0.50. Still to do (issue 19): floors from three seeds with a stated margin.
-CAL_MIN_REMOVED_OUT = {"MNP": 0.85, "B": 0.50, "T": 0.45}
-CAL_MIN_KEPT_IN = {"MNP": 0.955, "B": 0.985, "T": 0.955}
+# method="calibrated" (the default; knob 0.1, count-checked neighbourhoods), seeds 0 / 1 / 2 on 2 CPU cores
+# (2026-12-05, ``benchmarks/real_pbmc.py --calibrated --odds 0.1 --seed S``): removed outside / kept inside
+#   MNP 80.6 / 85.8 / 85.2  |  97.78 / 98.01 / 98.09   (soup explains 100% outside, 2.1% inside)
+#   B   53.8 / 53.9 / 57.3  |  99.49 / 99.22 / 99.33   (68% / 0.9%)
+#   T   46.0 / 51.6 / 49.1  |  97.18 / 96.57 / 97.03   (55% / 3.5%)
+# The same code and seed differ across machines (XLA's CPU code changes the fit: T 43.5% removed for seed 0 on the
+# project's CI machine), so the floors sit 6 points below the worst seed. Inside, issue 19's restated criterion:
+# keep at least 99% of what a correct removal keeps, kept / (1 - soup_in) >= 0.99 (seeds: >= 0.9992 for every
+# group); a kept share of 0.99 itself is not what a correct removal does where the soup explains 2-3.5%.
+CAL_MIN_REMOVED_OUT = {"MNP": 0.74, "B": 0.47, "T": 0.40}
+CAL_MIN_KEPT_OF_NATIVE = 0.99
+
+
+def _soup_in(adata, group):
+    """Share of the in-lineage raw counts the soup-implied contamination explains (``benchmarks/real_pbmc.py``)."""
+    genes, own, _ = GROUPS[group]
+    labels = adata.obs["Annotation"].astype(str).to_numpy()
+    soup = adata.var["soup_est"].to_numpy(np.float64)  # the scale cancels
+    cols = [adata.var_names.get_loc(g) for g in genes]
+    mnp = [adata.var_names.get_loc(g) for g in GROUPS["MNP"][0]]
+    lymphoid = np.isin(labels, ["T_CD4", "T_CD8", "B", "NK"])
+    rho = adata.X[lymphoid][:, mnp].sum() / (adata.X[lymphoid].sum() * soup[mnp].sum())
+    inside = np.isin(labels, list(own))
+    return rho * adata.X[inside].sum() * soup[cols].sum() / adata.X[inside][:, cols].sum()
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +185,14 @@ def test_calibrated_markers(pbmc, calibrated, group):
     raw_out, den_out, raw_in, den_in = _in_out(adata, denoised, group)
     removed, kept = 1 - den_out / raw_out, den_in / raw_in
     assert removed >= CAL_MIN_REMOVED_OUT[group], f"{group}: removed {removed:.3f} outside"
-    assert kept >= CAL_MIN_KEPT_IN[group], f"{group}: kept {kept:.4f} inside"
+    native = 1 - _soup_in(adata, group)
+    assert kept / native >= CAL_MIN_KEPT_OF_NATIVE, f"{group}: kept {kept:.4f} inside, {kept / native:.4f} of native"
     _, _, _, split_in = _in_out(adata, split, group)
-    # margin 0.01: another machine measured T 0.9569 against the split's 0.9642 (issue 19); three-seed floors to do
-    assert kept >= split_in / raw_in - 0.01
+    assert kept >= split_in / raw_in  # seeds 0-2: 0.5-1.5 points above the split
 
 
 @pytest.mark.slow
 def test_calibrated_noise_ratio(calibrated):
-    """Calibrated mean noise ratio 0.071 (seed 0) against 0.058 implied by the soup (an upper bound) and 0.068."""
+    """Calibrated mean noise ratio 0.058-0.060 (seeds 0-2) against 0.058 implied by the soup (an upper bound)."""
     _, noise = calibrated
-    assert 0.05 <= noise.mean() <= 0.11, noise.mean()
+    assert 0.04 <= noise.mean() <= 0.09, noise.mean()

@@ -1,12 +1,21 @@
 """Shared pytest configuration: strict JAX hygiene for every test, and hypothesis profiles."""
 
 import os
+from pathlib import Path
 
-import jax
-import pytest
-from hypothesis import settings
+# One persistent XLA compilation cache for the whole run: the two xdist workers, the notebook kernels and the
+# subprocess tests inherit it through the environment, so code that one process compiled is loaded, not compiled
+# again, by the others (the same HLO gives the same executable, so no result changes). In .pytest_cache (ignored by
+# git); set JAX_COMPILATION_CACHE_DIR to choose another folder.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])  # if jax came in first
 
 # Property tests (tests/test_properties.py): "ci" (the default) is derandomized, so every run draws the
 # same examples and a failure reproduces; "thorough" searches afresh with 20x the examples. Choose with

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+# kl_weight_schedule and compiled_training are looked up here at call time: tests patch scar_jax.fit's names
 from .train import (
     CellData,
     EpochSums,

@@ -68,3 +68,32 @@ def trained_model():
     model = SCAR(adata, n_hidden=16, n_latent=4)
     model.train(max_epochs=2, enable_progress_bar=False)
     return adata, model
+
+
+@pytest.fixture(scope="module")
+def training_setup():
+    """``(net, config, data, ambient, tx, epoch_fn, rows, fresh_state)``: 300 simulated cells x 40 genes on the
+    device, a compiled epoch of minibatches of 64 over 250 training rows, and fresh train states (test_train,
+    test_fit)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from scar_jax import counts, train
+    from scar_jax.datasets import simulate
+    from scar_jax.vae import SCARConfig, init_variables
+
+    adata = simulate(n_cells=300, n_genes=40, seed=3)
+    config = SCARConfig(n_genes=40, n_hidden=16, n_latent=4)
+    net = config.make_net()
+    x = adata.X
+    library = np.asarray(x.sum(1), np.float32)
+    data = train.CellData(counts.to_device(x), jnp.asarray(library), jnp.zeros(300, jnp.int32))
+    ambient = jnp.asarray(adata.varm["true_ambient_profile"].T, jnp.float32)
+    tx = train.make_optimizer()
+    epoch_fn = train.make_train_epoch(net, config, tx, 64)
+    rows = jnp.arange(250, dtype=jnp.int32)  # 3 full minibatches + one of 58
+
+    def fresh_state():
+        return train.init_train_state(init_variables(net, jax.random.key(0), 40), tx, jax.random.key(1))
+
+    return net, config, data, ambient, tx, epoch_fn, rows, fresh_state

@@ -17,6 +17,7 @@ CORE = (
     "likelihoods",
     "vae",
     "train",
+    "fit",
     "posterior",
     "de",
     "ambient",

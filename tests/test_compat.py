@@ -18,6 +18,7 @@ import pytest
 import scipy.sparse as sp
 
 from scar_jax import SCAR, arguments
+from scar_jax import fit as fit_module
 from scar_jax import train as train_module
 from scar_jax.ambient import estimate_ambient_profile, pooled_profile
 from scar_jax.datasets import simulate
@@ -165,7 +166,7 @@ def test_gradient_clip_val_reaches_training(limited, adata):
 )
 def test_precision_maps_to_the_matmul_precision_of_training(adata, monkeypatch, precision, expected):
     seen = []
-    compiled = train_module.compiled_training
+    compiled = fit_module.compiled_training
 
     def spy(config, *args):
         seen.append(config.matmul_precision)
@@ -173,7 +174,7 @@ def test_precision_maps_to_the_matmul_precision_of_training(adata, monkeypatch, 
         # float32 compilation rather than compile the same program again
         return compiled(dataclasses.replace(config, matmul_precision="float32"), *args)
 
-    monkeypatch.setattr(train_module, "compiled_training", spy)
+    monkeypatch.setattr(fit_module, "compiled_training", spy)  # fit_model compiles through it
     model = SCAR(adata, **SMALL)
     model.train(max_epochs=1, batch_size=16, precision=precision, **QUIET)
     assert seen == [expected]

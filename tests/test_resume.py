@@ -30,12 +30,12 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     import jax, numpy as np
-    import scar_jax.train as train_module
+    import scar_jax.fit as fit_module
     from scar_jax import SCAR
     from scar_jax.datasets import simulate
 
     mode, checkpoint_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    schedule, epochs_run = train_module.kl_weight_schedule, []
+    schedule, epochs_run = fit_module.kl_weight_schedule, []
 
     def counted_schedule(epoch, *args, **kwargs):  # fit() calls it once at the start of every epoch
         epochs_run.append(epoch)
@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
             time.sleep(0.25)  # slow epochs: the kill lands between checkpoints, long before the end
         return schedule(epoch, *args, **kwargs)
 
-    train_module.kl_weight_schedule = counted_schedule
+    fit_module.kl_weight_schedule = counted_schedule
     adata = simulate(n_cells=150, n_genes=25, n_batches=2, seed=11)
     SCAR.setup_anndata(adata, batch_key="batch")
     model = SCAR(adata, n_hidden=16, n_latent=3, seed=7)

@@ -1,13 +1,12 @@
-"""Training core: schedules, data split, optimizer, compiled epoch, resumption."""
+"""Training core: schedules, data split, optimizer, compiled epoch and validation, data parallelism."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scar_jax import counts, train
-from scar_jax.datasets import simulate
-from scar_jax.vae import Batch, SCARConfig, init_variables, loss_terms
+from scar_jax import train
+from scar_jax.vae import Batch, loss_terms
 
 
 @pytest.mark.parametrize(
@@ -83,27 +82,8 @@ def test_optimizer_is_torch_adam_with_l2():
     np.testing.assert_allclose(np.asarray(w), w_np, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def setup():
-    adata = simulate(n_cells=300, n_genes=40, seed=3)
-    config = SCARConfig(n_genes=40, n_hidden=16, n_latent=4)
-    net = config.make_net()
-    x = adata.X
-    library = np.asarray(x.sum(1), np.float32)
-    data = train.CellData(counts.to_device(x), jnp.asarray(library), jnp.zeros(300, jnp.int32))
-    ambient = jnp.asarray(adata.varm["true_ambient_profile"].T, jnp.float32)
-    tx = train.make_optimizer()
-    epoch_fn = train.make_train_epoch(net, config, tx, 64)
-    rows = jnp.arange(250, dtype=jnp.int32)  # 3 full minibatches + one of 58
-
-    def fresh_state():
-        return train.init_train_state(init_variables(net, jax.random.key(0), 40), tx, jax.random.key(1))
-
-    return net, config, data, ambient, tx, epoch_fn, rows, fresh_state
-
-
-def test_epoch_trains_every_cell_and_compiles_once(setup):
-    _, _, data, ambient, _, epoch_fn, rows, fresh_state = setup
+def test_epoch_trains_every_cell_and_compiles_once(training_setup):
+    _, _, data, ambient, _, epoch_fn, rows, fresh_state = training_setup
     state = fresh_state()
     losses = []
     for epoch in range(4):
@@ -115,22 +95,8 @@ def test_epoch_trains_every_cell_and_compiles_once(setup):
     assert losses[-1] < losses[0]
 
 
-def test_resume_equals_uninterrupted_run(setup):
-    """Keys derive from (state.key, state.step): 2 + 2 epochs equal 4 epochs, bit for bit."""
-    _, _, data, ambient, _, epoch_fn, rows, fresh_state = setup
-    common = dict(n_epochs_kl_warmup=4, progress_bar=False)
-    full, rows_full = train.fit(epoch_fn, None, fresh_state(), data, rows, None, ambient, max_epochs=4, **common)
-    half, _ = train.fit(epoch_fn, None, fresh_state(), data, rows, None, ambient, max_epochs=2, **common)
-    resumed, rows_rest = train.fit(
-        epoch_fn, None, half, data, rows, None, ambient, max_epochs=4, first_epoch=2, **common
-    )
-    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
-    assert [r["kl_weight"] for r in rows_full[2:]] == [r["kl_weight"] for r in rows_rest]
-
-
-def test_evaluate_matches_direct_loss_terms(setup):
-    net, config, data, ambient, _, _, _, fresh_state = setup
+def test_evaluate_matches_direct_loss_terms(training_setup):
+    net, config, data, ambient, _, _, _, fresh_state = training_setup
     state = fresh_state()
     evaluate = train.make_evaluate(net, config, 32)
     val_rows = jnp.arange(250, 300, dtype=jnp.int32)
@@ -142,58 +108,6 @@ def test_evaluate_matches_direct_loss_terms(setup):
     np.testing.assert_allclose(float(sums.reconstruction_loss), float(terms.reconstruction_loss.sum()), rtol=1e-5)
     np.testing.assert_allclose(float(sums.kl_local), float(terms.kl_local.sum()), rtol=1e-5)
     np.testing.assert_allclose(float(sums.loss) / 50, float(terms.loss), rtol=1e-5)
-
-
-def test_early_stopping_stops_after_patience(setup):
-    _, _, data, ambient, _, epoch_fn, rows, fresh_state = setup
-    # min_delta huge: no epoch improves on the first, so training stops after epoch 0 + patience (2) epochs
-    stopper = train.EarlyStopping("elbo_train", patience=2, min_delta=1e9)
-    _, rows_out = train.fit(
-        epoch_fn,
-        None,
-        fresh_state(),
-        data,
-        rows,
-        None,
-        ambient,
-        max_epochs=10,
-        early_stopping=stopper,
-        progress_bar=False,
-    )
-    assert len(rows_out) == 3
-    with pytest.raises(ValueError, match="early_stopping_monitor"):
-        train.fit(
-            epoch_fn,
-            None,
-            fresh_state(),
-            data,
-            rows,
-            None,
-            ambient,
-            max_epochs=2,
-            early_stopping=train.EarlyStopping("elbo_validation"),
-            progress_bar=False,
-        )
-
-
-def test_divergence_keeps_the_last_good_epoch(setup):
-    """A NaN injected into the parameters after epoch 2: fit stops there and hands back epoch 1's state."""
-    _, _, data, ambient, _, epoch_fn, rows, fresh_state = setup
-    calls = []
-
-    def poisoned_epoch(state, *args):
-        state, sums = epoch_fn(state, *args)
-        calls.append(1)
-        if len(calls) == 3:
-            state = state.replace(params=jax.tree.map(lambda a: a * jnp.nan, state.params))
-        return state, sums
-
-    reference, _ = train.fit(epoch_fn, None, fresh_state(), data, rows, None, ambient, max_epochs=2, progress_bar=False)
-    with pytest.raises(train.TrainingDiverged, match="epoch 2") as info:
-        train.fit(poisoned_epoch, None, fresh_state(), data, rows, None, ambient, max_epochs=5, progress_bar=False)
-    assert len(info.value.rows) == 2 and "those of epoch 1 are kept" in str(info.value)
-    for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(info.value.state.params), strict=True):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 DATA_PARALLEL_SCRIPT = r"""

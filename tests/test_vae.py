@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.special as sp
 
+from scar_jax.nets import SCARNet
 from scar_jax.vae import (
     Batch,
     SCARConfig,
@@ -334,6 +335,16 @@ def test_config_defaults_and_make_net():
     assert dataclasses.replace(config, gene_likelihood="zinb").make_net().compute_zi_logits
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.n_genes = 3  # type: ignore[misc]
+
+
+def test_config_defaults_are_the_networks():
+    """SCARConfig repeats SCARNet's hyper-parameters (it is their validated, JSON-serialisable record): their
+    defaults must not drift apart."""
+    net_defaults = {f.name: f.default for f in dataclasses.fields(SCARNet)}
+    for field in dataclasses.fields(SCARConfig):
+        if field.name in ("n_genes", "gene_likelihood"):
+            continue
+        assert field.default == net_defaults[field.name], field.name
 
 
 # ---------------------------------------------------------------- differentiability

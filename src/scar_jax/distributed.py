@@ -226,50 +226,78 @@ def shard_cells(
         :class:`~scar_jax.counts.DenseCounts`.
     """
     devices = list(mesh.devices.ravel())
-    n_cells, n_genes = x.shape
-    bounds = row_bounds(n_cells, len(devices))
-    mine = {g: d for g, d in enumerate(devices) if d.process_index == jax.process_index()}
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    bounds = row_bounds(x.shape[0], len(devices))
+    mine = [g for g, d in enumerate(devices) if d.process_index == jax.process_index()]
     rows_capacity = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
-
-    def global_array(leaves: dict[int, np.ndarray]) -> jax.Array:
-        shape = (len(devices), *next(iter(leaves.values())).shape)
-        arrays = [jax.device_put(leaves[g][None], mine[g]) for g in sorted(mine)]
-        return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
-
-    def pad(values: np.ndarray, fill: float | int) -> np.ndarray:
-        out = np.full((rows_capacity, *values.shape[1:]), fill, values.dtype)
-        out[: len(values)] = values
-        return out
-
     library = np.asarray(library, np.float32).reshape(-1, 1)
     batch_index = np.asarray(batch_index, np.int32)
     if isinstance(x, np.ndarray):
-        blocks = {g: pad(np.asarray(x[bounds[g] : bounds[g + 1]], np.float32), 0.0) for g in mine}
-        counts: Counts = DenseCounts(global_array(blocks))
-        lib = {g: pad(library[bounds[g] : bounds[g + 1]], 1.0) for g in mine}
-        bidx = {g: pad(batch_index[bounds[g] : bounds[g + 1]], 0) for g in mine}
+        blocks, lib, bidx = _dense_blocks(x, library, batch_index, bounds, mine, rows_capacity)
+        counts: Counts = DenseCounts(_global_array(mesh, blocks))
     else:
-        if sp.issparse(x):
-            x = sp.csr_matrix(x)
-        indptr = np.asarray(x.indptr, np.int64)
-        nnz = [int(indptr[b] - indptr[a]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        if max(nnz) >= 2**31:
-            raise ValueError(
-                f"one device's rows hold {max(nnz)} stored counts, past the 2**31 of int32 offsets; train on more "
-                "devices"
-            )
-        groups = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        plan = BlockPlan(groups, rows_capacity, max(max(nnz), 1))
-        dtypes = narrow_dtypes(n_genes, max_count)
-        read = {g: read_block(x, groups[g], plan, library, batch_index, *dtypes) for g in mine}  # own rows only
-        counts = CsrCounts(
-            global_array({g: b.indptr for g, b in read.items()}),
-            global_array({g: b.indices for g, b in read.items()}),
-            global_array({g: b.data for g, b in read.items()}),
-            n_genes=n_genes,
-            max_row_nnz=int(np.diff(indptr).max(initial=0)),
+        counts, lib, bidx = _sparse_counts(x, library, batch_index, bounds, mine, rows_capacity, max_count, mesh)
+    return ShardedCellData(counts, _global_array(mesh, lib), _global_array(mesh, bidx), bounds, mesh)
+
+
+def _global_array(mesh: jax.sharding.Mesh, leaves: dict[int, np.ndarray]) -> jax.Array:
+    """One array split over the mesh's ``"data"`` axis, ``(n_devices, *block shape)``, from this process's
+    blocks ``{device number in the mesh: block}``."""
+    devices = list(mesh.devices.ravel())
+    shape = (len(devices), *next(iter(leaves.values())).shape)
+    arrays = [jax.device_put(leaves[g][None], devices[g]) for g in sorted(leaves)]
+    return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, PartitionSpec("data")), arrays)
+
+
+def _pad(values: np.ndarray, rows: int, fill: float | int) -> np.ndarray:
+    """``values`` with ``fill`` rows appended up to ``rows`` rows."""
+    out = np.full((rows, *values.shape[1:]), fill, values.dtype)
+    out[: len(values)] = values
+    return out
+
+
+def _dense_blocks(
+    x: np.ndarray, library: np.ndarray, batch_index: np.ndarray, bounds: tuple[int, ...], mine: list[int], rows: int
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Per device of this process, its float32 counts, library and batch index, padded to ``rows`` rows (counts
+    0, library 1, batch 0)."""
+    own = {g: slice(bounds[g], bounds[g + 1]) for g in mine}
+    return (
+        {g: _pad(np.asarray(x[r], np.float32), rows, 0.0) for g, r in own.items()},
+        {g: _pad(library[r], rows, 1.0) for g, r in own.items()},
+        {g: _pad(batch_index[r], rows, 0) for g, r in own.items()},
+    )
+
+
+def _sparse_counts(
+    x: Any,
+    library: np.ndarray,
+    batch_index: np.ndarray,
+    bounds: tuple[int, ...],
+    mine: list[int],
+    rows: int,
+    max_count: float,
+    mesh: jax.sharding.Mesh,
+) -> tuple[CsrCounts, dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Sparse or on-disk counts as :class:`~scar_jax.counts.CsrCounts` over the mesh, each process reading only its
+    devices' rows; with their library and batch index blocks (:func:`scar_jax.backed.read_block`)."""
+    n_genes = x.shape[1]
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+    indptr = np.asarray(x.indptr, np.int64)
+    nnz = [int(indptr[b] - indptr[a]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if max(nnz) >= 2**31:
+        raise ValueError(
+            f"one device's rows hold {max(nnz)} stored counts, past the 2**31 of int32 offsets; train on more devices"
         )
-        lib = {g: b.library for g, b in read.items()}
-        bidx = {g: b.batch_index for g, b in read.items()}
-    return ShardedCellData(counts, global_array(lib), global_array(bidx), bounds, mesh)
+    groups = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    plan = BlockPlan(groups, rows, max(max(nnz), 1))
+    dtypes = narrow_dtypes(n_genes, max_count)
+    read = {g: read_block(x, groups[g], plan, library, batch_index, *dtypes) for g in mine}  # own rows only
+    counts = CsrCounts(
+        _global_array(mesh, {g: b.indptr for g, b in read.items()}),
+        _global_array(mesh, {g: b.indices for g, b in read.items()}),
+        _global_array(mesh, {g: b.data for g, b in read.items()}),
+        n_genes=n_genes,
+        max_row_nnz=int(np.diff(indptr).max(initial=0)),
+    )
+    return counts, {g: b.library for g, b in read.items()}, {g: b.batch_index for g, b in read.items()}

@@ -120,6 +120,12 @@ def has_model(dir_path: str | os.PathLike, prefix: str | None = None) -> bool:
     return (Path(dir_path) / manifest_name).is_file() and (Path(dir_path) / state_name).is_file()
 
 
+def missing_save(found_instead: Path, instead_message: str, message: str) -> ValueError:
+    """The error for a directory without the save looked for: ``instead_message`` when it holds the file
+    ``found_instead`` (a save of another format or version), else ``message``."""
+    return ValueError(instead_message if found_instead.is_file() else message)
+
+
 def read_model_dir(dir_path: str | os.PathLike, prefix: str | None = None) -> tuple[dict[str, Any], bytes, Path]:
     """Read and check a model directory; returns the manifest, the state bytes and the AnnData path."""
     from . import __version__
@@ -130,12 +136,12 @@ def read_model_dir(dir_path: str | os.PathLike, prefix: str | None = None) -> tu
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory saved by SCAR.save")
     if not (path / manifest_name).is_file() or not (path / state_name).is_file():
-        if (path / f"{prefix or ''}model.pt").is_file():
-            raise ValueError(
-                f"{path} holds a scvi-tools (PyTorch) save, not a scar-jax one; "
-                "convert it with SCAR.convert_legacy_save or load it with SCAR.from_scvi_tools"
-            )
-        raise ValueError(f"{path} lacks {manifest_name} or {state_name}: not a scar-jax model directory")
+        raise missing_save(
+            path / f"{prefix or ''}model.pt",
+            f"{path} holds a scvi-tools (PyTorch) save, not a scar-jax one; "
+            "convert it with SCAR.convert_legacy_save or load it with SCAR.from_scvi_tools",
+            f"{path} lacks {manifest_name} or {state_name}: not a scar-jax model directory",
+        )
     try:
         manifest = json.loads((path / manifest_name).read_text())
     except json.JSONDecodeError as err:

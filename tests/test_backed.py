@@ -139,7 +139,7 @@ def trained(adata, epochs: int = 2, **train_kwargs) -> SCAR:
 
 
 def max_difference(a: SCAR, b: SCAR) -> float:
-    diffs = jax.tree.map(lambda u, v: float(np.abs(np.asarray(u) - np.asarray(v)).max()), a._variables, b._variables)
+    diffs = jax.tree.map(lambda u, v: float(np.abs(np.asarray(u) - np.asarray(v)).max()), a.variables, b.variables)
     return max(jax.tree.leaves(diffs))
 
 

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import scipy.stats
 
 import scar_jax
-from scar_jax import posterior
+from scar_jax import analysis, posterior
 from scar_jax.datasets import simulate
 from scar_jax.vae import Batch, forward
 
@@ -443,7 +443,7 @@ def test_anchor_log_likelihood_equals_the_models_likelihood(model, adata, gene_l
     mean, var = m.get_latent_representation(indices=rows, return_dist=True)
     zs = (mean + np.sqrt(var) * np.random.default_rng(0).standard_normal(mean.shape)).astype(np.float32)
     cells, _ = m._cells(None, None)
-    got = m._anchor_log_likelihood(cells, anchors, zs)  # (30, 12)
+    got = analysis.anchor_log_likelihood(m.config, m.variables, m.ambient_profile, cells, anchors, zs)  # (30, 12)
     x = jnp.asarray(dense_x(adata)[anchors])
     batch = Batch(x, jnp.asarray(cells.library[anchors], jnp.float32), jnp.zeros(len(anchors), jnp.int32))
     want = np.empty_like(got)

@@ -175,8 +175,10 @@ class SCAR:
             raise ValueError("datamodule is not supported: scar-jax trains from the AnnData given to SCAR()")
         plan = {**(plan_config or {}), **(plan_kwargs or {})}
         trainer = {**(trainer_config or {}), **trainer_kwargs}
+        _arguments.plan_options(plan)  # unknown keys: TypeError; values out of range: ValueError
+        options = _arguments.trainer_options(trainer)  # the same, warns here (Lightning's keywords: docs/compat.md)
         sizes = {"train_size": train_size, "validation_size": validation_size, **(datasplitter_kwargs or {})}
-        run = (plan, trainer, checkpoint_dir, checkpoint_every)
+        run = (plan, trainer, options, checkpoint_dir, checkpoint_every)
         _training.train_model(
             self, max_epochs, accelerator, devices, sizes, shuffle_set_split, batch_size, early_stopping, *run
         )

@@ -26,12 +26,13 @@ def train_model(
     early_stopping,
     plan: dict,
     trainer: dict,
+    options: _arguments.TrainerOptions,
     checkpoint_dir,
     checkpoint_every,
 ) -> None:
-    """Train ``model`` in place; ``sizes``: ``train_size``, ``validation_size`` (and the datasplitter keywords)."""
-    _arguments.plan_options(plan)  # unknown keys: TypeError; values out of range: ValueError
-    options = _arguments.trainer_options(trainer)  # the same, and Lightning's keywords mapped (docs/compat.md)
+    """Train ``model`` in place; ``sizes``: ``train_size``, ``validation_size`` (and the datasplitter keywords);
+    ``plan`` and ``trainer``: checked by :func:`scar_jax.arguments.plan_options` and ``trainer_options``
+    (``options``)."""
     batch_size = _positive_int(batch_size, "batch_size")
     n_obs = model.adata.n_obs
     epochs = _positive_int(_train.max_epochs_heuristic(n_obs) if max_epochs is None else max_epochs, "max_epochs")

@@ -438,7 +438,6 @@ class SCAR:
         return sp.csr_matrix(values[..., 0]) if n == 1 else values
 
     # ------------------------------------------------------------------ differential expression and abundance
-    # long: scvi-tools' signature (25 parameters); the body is 20 lines
     def differential_expression(
         self,
         adata: anndata.AnnData | None = None,

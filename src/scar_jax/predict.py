@@ -1,4 +1,5 @@
-"""The multi-pass posterior queries of :class:`~scar_jax.SCAR`, a shell over the model's AnnData.
+"""The multi-pass queries of :class:`~scar_jax.SCAR`, a shell over the model's AnnData (and, for
+``get_ambient_profile``, over the raw droplets).
 
 Each function takes the trained model (``model``: a :class:`scar_jax.SCAR`, not imported here), reads its cells
 once and calls the array functions of :mod:`scar_jax.analysis`, :mod:`scar_jax.de`, :mod:`scar_jax.abundance`,

@@ -79,3 +79,13 @@ def test_differential_abundance_needs_a_sample_column(trained_model):
     adata.obs["sample"] = np.where(np.arange(adata.n_obs) % 2, "s1", "s2")
     frame = predict.differential_abundance(model, adata, "sample", 128, None, None, 0)
     assert frame.shape == (adata.n_obs, 2)
+
+
+def test_bayes_factors_and_feature_assignment_read_the_cells_once(trained_model):
+    adata, model = trained_model
+    cells, rows = model._cells(None, [0, 1, 2])
+    bf = predict.bayes_factors(model, cells, rows, None, "micro")
+    log_bf = predict.bayes_factors(model, cells, rows, None, "micro", log=True)
+    assert bf.shape == (3, adata.n_vars) and np.allclose(np.log(bf), log_bf, rtol=1e-4, atol=1e-4)
+    table = predict.assign_features(model, None, 3.0, None, "micro", None)
+    assert list(table.index) == list(adata.obs_names)

@@ -649,14 +649,7 @@ class SCAR:
     ) -> np.ndarray:
         """``(n_cells, n_features)`` Bayes factors (natural log with ``log``) that a count exceeds the ambient:
         ``P(X <= x) / P(X = x)``, ``X ~ Poisson(N * noise_ratio * a + adjustment)`` (:mod:`scar_jax.features`)."""
-        return self._bayes_factors(*self._cells(adata, indices), batch_size, adjust, log)
-
-    def _bayes_factors(self, cells, rows, batch_size, adjust, log: bool = False) -> np.ndarray:
-        noise_ratio = self._decode_at_mean(cells, rows, batch_size)[1][:, 0]
-        x = cells.x[rows]
-        library = np.asarray(x.sum(axis=1), np.float64).ravel()
-        fn = _features.log_bayes_factors if log else _features.bayes_factors
-        return fn(x, library, noise_ratio, self.ambient_profile, cells.batch_index[rows], adjust=adjust)
+        return _predict.bayes_factors(self, *self._cells(adata, indices), batch_size, adjust, log)
 
     def assign_features(
         self,
@@ -669,13 +662,7 @@ class SCAR:
         """Features (guides, hashtags, CMOs) of each cell from their Bayes factors: ``moi=None``, the original's
         rule (those tied at the maximum, if >= ``cutoff``); ``moi=k``, up to ``k`` with factor >= ``cutoff``.
         A DataFrame indexed by ``obs_names``: the features (comma-joined), their number and total count."""
-        adata = self.adata if adata is None else adata
-        cells, rows = self._cells(adata, None)
-        bf = self._bayes_factors(cells, rows, batch_size, adjust)
-        names, obs_names = np.asarray(adata.var_names), np.asarray(adata.obs_names)
-        return _features.assign_features(
-            bf, cells.x, names, cutoff=cutoff, moi=moi, obs_names=obs_names, feature_type=self.feature_type
-        )
+        return _predict.assign_features(self, adata, cutoff, moi, adjust, batch_size)
 
     # ------------------------------------------------------------------ persistence
     def save(

@@ -22,6 +22,7 @@ from . import ambient as _ambient
 from . import analysis as _an
 from . import data as _data
 from . import de as _de
+from . import features as _features
 from . import io as _io
 from . import posterior as _post
 from .calibration import calibrated_split
@@ -190,6 +191,26 @@ def differential_abundance(model, adata, sample_key, batch_size, num_cells_poste
         points = model.get_latent_representation(adata, batch_size=batch_size, give_mean=True)
     obs = adata.obs[sample_key]
     return _abundance.differential_abundance(obs, means, variances, num_cells_posterior, dof, seed, points=points)
+
+
+def bayes_factors(model, cells, rows, batch_size, adjust, log: bool = False) -> np.ndarray:
+    """``get_bayes_factors`` of the selected ``rows`` of ``cells``, with the noise ratio at the posterior mean of z
+    (:func:`scar_jax.features.bayes_factors`, or ``log_bayes_factors`` with ``log``)."""
+    noise_ratio = model._decode_at_mean(cells, rows, batch_size)[1][:, 0]
+    x = cells.x[rows]
+    library = np.asarray(x.sum(axis=1), np.float64).ravel()
+    fn = _features.log_bayes_factors if log else _features.bayes_factors
+    return fn(x, library, noise_ratio, model.ambient_profile, cells.batch_index[rows], adjust=adjust)
+
+
+def assign_features(model, adata, cutoff, moi, adjust, batch_size) -> pd.DataFrame:
+    """``assign_features``: :func:`scar_jax.features.assign_features` from the Bayes factors of every cell."""
+    adata = model.adata if adata is None else adata
+    cells, rows = model._cells(adata, None)
+    bf = bayes_factors(model, cells, rows, batch_size, adjust)
+    names, obs_names = np.asarray(adata.var_names), np.asarray(adata.obs_names)
+    options = {"cutoff": cutoff, "moi": moi, "obs_names": obs_names, "feature_type": model.feature_type}
+    return _features.assign_features(bf, cells.x, names, **options)
 
 
 def feature_correlation(samples: np.ndarray, var_names: np.ndarray, correlation_type: str) -> pd.DataFrame:

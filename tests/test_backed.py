@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scar_jax import SCAR
+from scar_jax import SCAR, predict
 from scar_jax.backed import BackedCounts, plan_blocks, prefetch, read_backed
 from scar_jax.datasets import simulate
 
@@ -139,7 +139,7 @@ def trained(adata, epochs: int = 2, **train_kwargs) -> SCAR:
 
 
 def max_difference(a: SCAR, b: SCAR) -> float:
-    diffs = jax.tree.map(lambda u, v: float(np.abs(np.asarray(u) - np.asarray(v)).max()), a._variables, b._variables)
+    diffs = jax.tree.map(lambda u, v: float(np.abs(np.asarray(u) - np.asarray(v)).max()), a.variables, b.variables)
     return max(jax.tree.leaves(diffs))
 
 
@@ -233,7 +233,7 @@ def test_write_denoised_counts_leaves_no_partial_file_on_error(files, in_memory_
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(type(in_memory_model), "_split_counts", broken)
+    monkeypatch.setattr(predict, "split_counts", broken)
     with warnings.catch_warnings(), pytest.raises(OSError, match="disk full"):
         in_memory_model.write_denoised_counts(tmp_path / "x.h5ad", progress_bar=False)
     assert not list(tmp_path.iterdir())

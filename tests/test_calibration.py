@@ -325,12 +325,12 @@ def test_user_facing_knob_defaults_agree() -> None:
     """``calibrate_model`` and ``SCAR.get_denoised_counts`` share the measured default of the knob."""
     import inspect
 
-    from scar_jax import SCAR
+    from scar_jax import SCAR, predict
     from scar_jax.calibration import DEFAULT_EXPRESSED_PRIOR_ODDS
     from scar_jax.data import calibrate_model
 
     assert DEFAULT_EXPRESSED_PRIOR_ODDS == 0.1
-    for fn in (calibrate_model, SCAR.get_denoised_counts, SCAR._calibrated):
+    for fn in (calibrate_model, SCAR.get_denoised_counts, predict.calibrated):
         assert inspect.signature(fn).parameters["expressed_prior_odds"].default == DEFAULT_EXPRESSED_PRIOR_ODDS
 
 

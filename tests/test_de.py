@@ -353,7 +353,7 @@ def test_differential_expression_driver(obs):
 
     genes = [f"g{i}" for i in range(n_genes)]
     table = de.differential_expression(
-        sample_scales, obs, sp.csr_matrix(x), genes, groupby="cell_type", mode="change", n_samples_overall=400
+        sample_scales, obs, sp.csr_matrix(x), genes, {"groupby": "cell_type"}, {"mode": "change"}, n_samples_overall=400
     )
     assert len(table) == 3 * n_genes
     first = table[table["comparison"] == "a vs Rest"]
@@ -369,8 +369,7 @@ def test_differential_expression_driver(obs):
             obs,
             x,
             genes,
-            idx1="cell_type == 'a'",
-            idx2=[1, 4],
+            {"idx1": "cell_type == 'a'", "idx2": [1, 4]},
             all_stats=False,
             n_samples_overall=200,
             latent=lambda rows: np.asarray(rows, float)[:, None],

@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent(
     BackedCounts.__getitem__ = recorded
     model.train(**json.loads(sys.argv[6]))
     BackedCounts.__getitem__ = getitem
-    np.savez(out + ".npz", *[np.asarray(leaf) for leaf in jax.tree.leaves(model._variables)])
+    np.savez(out + ".npz", *[np.asarray(leaf) for leaf in jax.tree.leaves(model.variables)])
     history = {name: frame.to_numpy().ravel().tolist() for name, frame in model.history.items()}
     summary = {"read": read, "history": history, "devices": len(jax.devices()), "processes": jax.process_count()}
     with open(out + ".json", "w") as f:
@@ -100,7 +100,7 @@ def test_two_processes_train_like_one(tmp_path):
     SCAR.setup_anndata(reference)
     model = SCAR(reference, **MODEL)
     model.train(**TRAIN)
-    want = [np.asarray(leaf) for leaf in jax.tree.leaves(model._variables)]
+    want = [np.asarray(leaf) for leaf in jax.tree.leaves(model.variables)]
 
     errors = []
     for process in processes:

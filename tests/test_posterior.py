@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import scipy.stats
 
 import scar_jax
-from scar_jax import posterior
+from scar_jax import analysis, posterior
 from scar_jax.datasets import simulate
 from scar_jax.vae import Batch, forward
 
@@ -61,7 +61,7 @@ def cell_keys(model, rows, seed: int = 0) -> jax.Array:
 
 
 def forward_eval(model, x: np.ndarray, keys: jax.Array):
-    return forward(model._net, model._variables, jnp.asarray(x), keys, train=False)[0]
+    return forward(model._net, model.variables, jnp.asarray(x), keys, train=False)[0]
 
 
 def expected_and_uniform(model, x: np.ndarray, keys: jax.Array, draw: int) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +224,7 @@ def test_decode_at_mean_ranges(which, request, adata):
     assert (native >= 0).all()
     assert (native.sum(axis=1) <= 1 + 1e-6).all()  # row-normalised with an eps in the denominator
     # same as the functional core on the dense counts (rtol 1e-5: only chunking may differ)
-    nf, nr = posterior.decode_at_mean(m.config, m._variables, jnp.asarray(dense_x(adata)))
+    nf, nr = posterior.decode_at_mean(m.config, m.variables, jnp.asarray(dense_x(adata)))
     np.testing.assert_allclose(native, np.asarray(nf), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(noise, np.asarray(nr)[:, 0], rtol=1e-5, atol=1e-7)
 
@@ -234,7 +234,7 @@ def test_encode_variances_positive(model, adata):
     assert mean.shape == var.shape == (N_CELLS, N_LATENT)
     assert np.isfinite(mean).all()
     assert (var >= 1e-4).all()  # exp(.) + 1e-4
-    m2, v2 = posterior.encode(model.config, model._variables, jnp.asarray(dense_x(adata)))
+    m2, v2 = posterior.encode(model.config, model.variables, jnp.asarray(dense_x(adata)))
     assert (np.asarray(v2) >= 1e-4).all()
     np.testing.assert_allclose(var, np.asarray(v2), rtol=1e-5)
     np.testing.assert_allclose(mean, np.asarray(m2), rtol=1e-5, atol=1e-6)
@@ -285,7 +285,7 @@ def test_functional_elbo_terms_match_method(model, adata):
     rows = np.arange(N_CELLS)
     batch = Batch(jnp.asarray(x), jnp.asarray(x.sum(1, keepdims=True)), jnp.zeros(N_CELLS, jnp.int32))
     rec, kl = posterior.elbo_terms(
-        model.config, model._variables, batch, jnp.asarray(model.ambient_profile), cell_keys(model, rows, seed=2)
+        model.config, model.variables, batch, jnp.asarray(model.ambient_profile), cell_keys(model, rows, seed=2)
     )
     np.testing.assert_allclose(
         model.get_elbo(return_mean=False, seed=2), -(np.asarray(rec) + np.asarray(kl)), rtol=1e-5
@@ -345,7 +345,7 @@ def exact_log_marginal(model, x: np.ndarray) -> np.ndarray:
     """log p(x) = log int p(x | z) N(z; 0, 1) dz by the trapezoid-free Riemann sum on a fine grid."""
     from scar_jax.vae import Outputs, likelihood
 
-    net, v = model._net, model._variables
+    net, v = model._net, model.variables
     xj = jnp.asarray(x)
     batch = Batch(xj, xj.sum(1, keepdims=True), jnp.zeros(len(x), jnp.int32))
     grid = jnp.linspace(-12.0, 12.0, 24001)  # spacing 1e-3; the posterior sd here is > 0.05
@@ -443,14 +443,14 @@ def test_anchor_log_likelihood_equals_the_models_likelihood(model, adata, gene_l
     mean, var = m.get_latent_representation(indices=rows, return_dist=True)
     zs = (mean + np.sqrt(var) * np.random.default_rng(0).standard_normal(mean.shape)).astype(np.float32)
     cells, _ = m._cells(None, None)
-    got = m._anchor_log_likelihood(cells, anchors, zs)  # (30, 12)
+    got = analysis.anchor_log_likelihood(m.config, m.variables, m.ambient_profile, cells, anchors, zs)  # (30, 12)
     x = jnp.asarray(dense_x(adata)[anchors])
     batch = Batch(x, jnp.asarray(cells.library[anchors], jnp.float32), jnp.zeros(len(anchors), jnp.int32))
     want = np.empty_like(got)
     for k, z in enumerate(zs):
         zz = jnp.repeat(jnp.asarray(z)[None], len(anchors), 0)
-        phi, eps, zi = m._net.apply(m._variables, zz, method="decode")
-        out = Outputs(zz, zz, zz, phi, eps, zi, m._net.apply(m._variables, method="dispersion"))
+        phi, eps, zi = m._net.apply(m.variables, zz, method="decode")
+        out = Outputs(zz, zz, zz, phi, eps, zi, m._net.apply(m.variables, method="dispersion"))
         want[k] = likelihood(m.config, out, batch, jnp.asarray(m.ambient_profile)).log_prob(x).sum(-1)
     np.testing.assert_allclose(got, want, rtol=1e-5)  # float32 sums of ~1e3 nats: measured <= 1.3e-6 relative
 
@@ -467,7 +467,7 @@ def test_importance_weights_recover_the_exact_aggregate_posterior(tiny_latent):
     # exact posterior of each cell on a grid: log p(x | z) + log N(z; 0, 1)
     from scar_jax.vae import Outputs, likelihood
 
-    net, v, xj = model._net, model._variables, jnp.asarray(x)
+    net, v, xj = model._net, model.variables, jnp.asarray(x)
     batch = Batch(xj, xj.sum(1, keepdims=True), jnp.zeros(len(x), jnp.int32))
     grid = jnp.linspace(-12.0, 12.0, 24001)
 

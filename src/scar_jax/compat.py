@@ -222,3 +222,14 @@ def find_record(
             "(or SCAR.setup_anndata with the model's arguments)"
         )
     return None
+
+
+def summary_string(config, is_trained: bool) -> str:
+    """scvi-tools' ``summary_string`` of ``SCAR``: the architecture (``config``) and the training status."""
+    c = config
+    return (
+        f"SCAR model with n_hidden: {c.n_hidden}, n_latent: {c.n_latent}, n_layers: {c.n_layers}, "
+        f"dropout_rate: {c.dropout_rate}, gene_likelihood: {c.gene_likelihood}, "
+        f"latent_distribution: {c.latent_distribution}, scale_activation: {c.scale_activation}, "
+        f"sparsity: {c.sparsity}\nTraining status: {'Trained' if is_trained else 'Not Trained'}"
+    )

@@ -90,14 +90,14 @@ def categories(adata: anndata.AnnData, key: str | None) -> tuple[str, ...]:
     return tuple(sorted({str(v) for v in col}))
 
 
-def setup_anndata(
-    adata: anndata.AnnData,
-    batch_key: str | None = None,
-    labels_key: str | None = None,
-    layer: str | None = None,
-    size_factor_key: str | None = None,
-) -> AnnDataSpec:
+SETUP_KEYS = ("layer", "batch_key", "labels_key", "size_factor_key")
+
+
+def setup_anndata(adata: anndata.AnnData, keys: dict[str, str | None]) -> AnnDataSpec:
     """Validate the keys and counts, and record the setup in ``adata.uns["_scar_jax"]`` (no copy of X).
+
+    ``keys``: ``layer``, ``batch_key``, ``labels_key`` and ``size_factor_key`` of ``SCAR.setup_anndata`` (an
+    absent one is ``None``).
 
     Refused (``ValueError``/``TypeError`` naming the field): counts that are not finite non-negative
     integers, cells with zero counts, an empty AnnData, duplicated gene names, unknown keys. Genes with
@@ -108,6 +108,7 @@ def setup_anndata(
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes)")
     check_unique_genes(adata)
+    layer, batch_key, labels_key, size_factor_key = (keys.get(k) for k in SETUP_KEYS)
     if layer is not None and layer not in adata.layers:
         raise ValueError(f"layer={layer!r} is not in adata.layers; available: {list(adata.layers.keys())}")
     _check_obs_key(adata, batch_key, "batch_key")

@@ -2,13 +2,13 @@
 
 Each method reads the cells once (:mod:`scar_jax.data`), calls a function over arrays
 (:mod:`scar_jax.posterior`, :mod:`scar_jax.analysis`, :mod:`scar_jax.abundance`, :mod:`scar_jax.de`,
-:mod:`scar_jax.features`, :mod:`scar_jax.train`) and assembles the result; the setup-record methods call
+:mod:`scar_jax.features`) and assembles the result; queries of several passes are in :mod:`scar_jax.predict`,
+training in :mod:`scar_jax.training`, saving in :mod:`scar_jax.persist`, the setup-record methods in
 :mod:`scar_jax.compat`. The model and the calibration are derived in ``docs/model.md``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from pathlib import Path
 from typing import Any, Literal
@@ -20,19 +20,17 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import abundance as _abundance
-from . import ambient as _ambient
 from . import analysis as _an
 from . import arguments as _arguments
 from . import backed as _backed
 from . import compat as _compat
 from . import data as _data
-from . import de as _de
-from . import distributed as _distributed
 from . import features as _features
-from . import io as _io
+from . import persist as _persist
 from . import posterior as _post
+from . import predict as _predict
 from . import train as _train
-from .calibration import calibrated_split
+from . import training as _training
 from .train import positive_int as _positive_int
 from .vae import SCARConfig, init_variables
 
@@ -95,37 +93,26 @@ class SCAR:
         parts = {"seed": seed, "feature_type": feature_type, "ambient_profile": profile}
         self._set_parts(adata, spec, config, backed_cells=self._backed_cells, **parts)  # counts on disk: read once
 
-    def _set_parts(
-        self,
-        adata,
-        spec,
-        config,
-        *,
-        seed,
-        feature_type,
-        ambient_profile,
-        variables=None,
-        state=None,
-        is_trained=False,
-        history_rows=(),
-        split=None,
-        training_time_s=0.0,
-        backed_cells=None,
-    ) -> None:
-        """The one place a model's attributes are set (``__init__``, :meth:`load`, ``from_scvi_tools``)."""
+    def _set_parts(self, adata, spec, config, *, seed, feature_type, ambient_profile, **saved: Any) -> None:
+        """The one place a model's attributes are set (``__init__``, :meth:`load`, ``from_scvi_tools``); ``saved``:
+        ``variables``, ``state``, ``is_trained``, ``history_rows``, ``split``, ``training_time_s``, ``backed_cells``."""
         self.adata, self.spec, self.config, self.feature_type = adata, spec, config, feature_type
         self.var_names = np.asarray(adata.var_names).astype(str)
         self.ambient_profile, self.seed = ambient_profile, int(seed)
         init_key, self._train_key, self._predict_key = _train.model_keys(self.seed)
-        self._net = config.make_net()
+        self._net, variables = config.make_net(), saved.pop("variables", None)
         self._variables = init_variables(self._net, init_key, config.n_genes) if variables is None else variables
-        self._state: _train.TrainState | None = state
-        self.is_trained, self.history_rows, self.training_time_s = bool(is_trained), list(history_rows), training_time_s
+        self._state: _train.TrainState | None = saved.pop("state", None)
+        self.is_trained, self.history_rows = bool(saved.pop("is_trained", False)), list(saved.pop("history_rows", ()))
+        self.training_time_s, split = saved.pop("training_time_s", 0.0), saved.pop("split", None)
         empty = np.zeros(0, np.int64)
         self.train_indices, self.validation_indices, self.test_indices = split or (empty, empty, empty)
-        self._calibration_cache = None  # the last calibration (see _calibrated)
-        self._backed_cells = backed_cells  # (adata weakref, spec, cells) of counts on disk, validated once
+        self._calibration_cache = None  # the last calibration (see predict.calibrated)
+        # (adata weakref, spec, cells) of counts on disk, validated once
+        self._backed_cells = saved.pop("backed_cells", None)
         self._records: _compat.Records = {}  # setup records of other AnnData (transfer_fields)
+        if saved:
+            raise TypeError(f"unknown model parts {sorted(saved)}")
 
     @classmethod
     def _from_parts(cls, adata: anndata.AnnData, spec, config: SCARConfig, **parts: Any) -> SCAR:
@@ -146,9 +133,9 @@ class SCAR:
         """Validate ``adata`` and record the setup in ``adata.uns["_scar_jax"]`` (no ``obs`` columns, no copy)."""
         if kwargs:
             raise TypeError(f"setup_anndata() got unknown keyword arguments {sorted(kwargs)}")
-        _data.setup_anndata(adata, batch_key, labels_key, layer, size_factor_key)
+        keys = {"batch_key": batch_key, "labels_key": labels_key, "layer": layer, "size_factor_key": size_factor_key}
+        _data.setup_anndata(adata, keys)
 
-    # long: scvi-tools' signature (18 parameters) and their documentation; the body is 30 lines
     def train(
         self,
         max_epochs: int | None = None,
@@ -170,73 +157,30 @@ class SCAR:
         checkpoint_every: int = 10,
         **trainer_kwargs: Any,
     ) -> None:
-        """Train the model (scvi-tools' arguments and defaults; ``docs/compat.md`` lists each one).
+        """Train the model (scvi-tools' arguments and defaults; ``docs/compat.md`` says what each one does here).
 
         ``max_epochs=None``: ``min(round(20000 / n_cells * 400), 400)``. ``plan_kwargs``: ``lr`` (1e-3),
         ``weight_decay`` (1e-6), ``eps`` (0.01), ``n_epochs_kl_warmup`` (400), ``max_kl_weight`` (1),
-        ``min_kl_weight`` (0). Trainer keywords: ``early_stopping_monitor`` (``"elbo_validation"``),
-        ``early_stopping_patience`` (45), ``early_stopping_min_delta`` (0), ``enable_progress_bar`` (True),
-        ``check_val_every_n_epoch``, ``gradient_clip_val``/``gradient_clip_algorithm``, ``max_steps``,
-        ``precision`` (``"32-true"``/``"bf16-mixed"``); beyond scvi-tools ``scan_unroll`` (1) and ``block_cells``
-        (None: on-disk counts streamed in blocks of about 65,536 rows; an int streams blocks of that many rows).
-        Keywords of :data:`scar_jax.arguments.NO_EFFECT_TRAINER_KWARGS` are accepted with a warning, others are
-        a ``TypeError``. Each epoch is one compiled call; training again continues from the current weights
-        with a fresh optimizer. A last minibatch of 1 or 2 cells moves to validation; ``ValueError`` with
-        fewer than 3 training cells or ``batch_size < 2``. ``devices`` follows Lightning (``"auto"``: one, ``n``:
-        the first ``n``, ``-1``: all, a list: those); several devices train data parallel (``batch_size`` a
-        multiple of their number; several processes: :mod:`scar_jax.distributed`). ``checkpoint_dir``: the
-        full state is saved every ``checkpoint_every`` epochs and at the end, and a later call resumes from it
-        to the uninterrupted result. A NaN/infinite loss or parameter raises ``FloatingPointError`` and keeps
-        the last good epoch.
+        ``min_kl_weight`` (0). Trainer keywords: Lightning's (docs/compat.md), ``scan_unroll`` (1) and ``block_cells``
+        (None: on-disk counts streamed in blocks of about 65,536 rows); those of
+        :data:`scar_jax.arguments.NO_EFFECT_TRAINER_KWARGS` warn, others are a ``TypeError``. Training again
+        continues from the current weights with a fresh optimizer. A last minibatch of 1 or 2 cells moves to
+        validation; ``ValueError`` with fewer than 3 training cells or ``batch_size < 2``. Several ``devices``
+        train data parallel (``batch_size`` a multiple of their number; see :mod:`scar_jax.distributed`).
+        ``checkpoint_dir``: the full state is saved every ``checkpoint_every`` epochs and at the end; a later call
+        resumes from it to the uninterrupted result. A NaN/infinite loss or parameter raises
+        ``FloatingPointError`` and keeps the last good epoch.
         """
         if datamodule is not None:
             raise ValueError("datamodule is not supported: scar-jax trains from the AnnData given to SCAR()")
         plan = {**(plan_config or {}), **(plan_kwargs or {})}
         trainer = {**(trainer_config or {}), **trainer_kwargs}
         _arguments.plan_options(plan)  # unknown keys: TypeError; values out of range: ValueError
-        options = _arguments.trainer_options(trainer)  # the same, and Lightning's keywords mapped (docs/compat.md)
+        options = _arguments.trainer_options(trainer)  # the same, warns here (Lightning's keywords: docs/compat.md)
         sizes = {"train_size": train_size, "validation_size": validation_size, **(datasplitter_kwargs or {})}
-        batch_size = _positive_int(batch_size, "batch_size")
-        epochs = _positive_int(
-            _train.max_epochs_heuristic(self.adata.n_obs) if max_epochs is None else max_epochs, "max_epochs"
-        )
-        single = checkpoint_dir is not None or trainer.get("block_cells") is not None
-        chosen = _distributed.training_devices(accelerator, devices, batch_size, single)
-        split = _train.split_indices(
-            self.adata.n_obs, sizes["train_size"], sizes["validation_size"], shuffle_set_split, batch_size, self.seed
-        )
-        checkpoint = None if checkpoint_dir is None else self._checkpoint(checkpoint_dir, checkpoint_every)
-        try:
-            result = _train.fit_model(
-                self.config,
-                self._read_cells(self.adata),
-                self._variables,
-                self._train_key,
-                self.ambient_profile,
-                chosen,
-                split,
-                max_epochs=epochs,
-                batch_size=batch_size,
-                plan=plan,
-                trainer=trainer,
-                options=options,
-                early_stopping=early_stopping,
-                checkpoint=checkpoint,
-            )
-        except _train.TrainingDiverged as err:
-            if err.rows:  # keep the last good epoch's parameters
-                self._trained(err.state, err.rows, err.split)
-            raise
-        self._trained(result.state, result.rows, result.split)
-        self.training_time_s = result.training_time_s
-        self._calibration_cache = None  # for the earlier parameters (the key would not match; frees the memory)
-
-    def _checkpoint(self, checkpoint_dir: str, every: int) -> _train.Checkpoint:
-        return _train.Checkpoint(
-            _io.has_model(checkpoint_dir),
-            every,
-            lambda template, split: _io.read_checkpoint(checkpoint_dir, self._record(), template, split),
-            lambda state, rows, split: self._write(checkpoint_dir, state, rows, split, True, True),
+        run = (plan, trainer, options, checkpoint_dir, checkpoint_every)
+        _training.train_model(
+            self, max_epochs, accelerator, devices, sizes, shuffle_set_split, batch_size, early_stopping, *run
         )
 
     def _trained(self, state: _train.TrainState, rows: list[dict[str, float]], split: _train.Split) -> None:
@@ -312,7 +256,9 @@ class SCAR:
         out = self._map(fn, adata, indices, batch_size, seed)
         return (out[0], out[1]) if return_dist else out[0]
 
-    def _elbo_terms(self, adata, indices, batch_size, seed) -> list[np.ndarray]:
+    def _elbo_terms(self, adata, indices, batch_size, seed, dataloader) -> list[np.ndarray]:
+        if dataloader is not None:
+            raise ValueError(_NO_DATALOADER)
         cfg, v, ambient = self.config, self._variables, jax.numpy.asarray(self.ambient_profile)
         return self._map(lambda b, k: _post.elbo_terms(cfg, v, b, ambient, k), adata, indices, batch_size, seed)
 
@@ -328,9 +274,7 @@ class SCAR:
         seed: int = 0,
     ) -> float | np.ndarray:
         """ELBO per cell, ``-(reconstruction NLL + KL)`` with one z draw; higher is better."""
-        if dataloader is not None:
-            raise ValueError(_NO_DATALOADER)
-        rec, kl = self._elbo_terms(adata, indices, batch_size, seed)
+        rec, kl = self._elbo_terms(adata, indices, batch_size, seed, dataloader)
         return float((-(rec + kl)).mean()) if return_mean else -(rec + kl)
 
     def get_reconstruction_error(
@@ -345,9 +289,7 @@ class SCAR:
         seed: int = 0,
     ) -> dict[str, float | np.ndarray]:
         """``{"reconstruction_loss": log p(x | z)}`` per cell (one z draw), higher is better, as scvi-tools."""
-        if dataloader is not None:
-            raise ValueError(_NO_DATALOADER)
-        rec, _ = self._elbo_terms(adata, indices, batch_size, seed)
+        rec = self._elbo_terms(adata, indices, batch_size, seed, dataloader)[0]
         return {"reconstruction_loss": float(-rec.mean()) if return_mean else -rec}
 
     def get_marginal_ll(
@@ -412,34 +354,11 @@ class SCAR:
         :meth:`get_importance_weights` (extra keywords go there) for ``weights="importance"``. ``transform_batch``
         accepts the setup's batches and changes nothing (no batch covariate). A DataFrame unless ``return_numpy``.
         """
-        unknown = set(kwargs) - _an.IMPORTANCE_KWARGS
-        if unknown:
-            raise TypeError(
-                f"get_normalized_expression() got unknown keyword arguments {sorted(unknown)}"
-                f"; the extra keywords are passed to get_importance_weights: {sorted(_an.IMPORTANCE_KWARGS)}"
-            )
-        if weights not in (None, "uniform", "importance"):
-            raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}")
-        _an.check_transform_batch(self.spec.batch_categories, transform_batch)
-        latent = isinstance(library_size, str)
-        if latent and library_size != "latent":
-            raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}")
-        n, scale = _positive_int(n_samples, "n_samples"), 1.0 if latent else float(library_size)
-        cells, rows = self._cells(adata, indices)
+        latent, scale = _predict.expression_options(self, kwargs, weights, transform_batch, library_size)
+        n = _positive_int(n_samples, "n_samples")
         overall = None if n_samples_overall is None else _positive_int(n_samples_overall, "n_samples_overall")
-        if weights == "importance" and overall is not None:
-            cfg, v, key = self.config, self._variables, self._key(seed)
-            values, zs = _an.expression_draws(cfg, v, cells, rows, n, latent, batch_size, key)
-            w = self.get_importance_weights(adata, rows, zs=zs, seed=seed, **kwargs)
-            values, index, return_mean = _an.resample(values, w, overall, seed), None, True
-        else:
-            if overall is not None:
-                rows, n, return_mean = np.random.default_rng(seed).choice(rows, size=overall, replace=True), 1, True
-            fn = _an.expression_fn(self.config, self._variables, n, latent, return_mean)
-            values = _post.map_chunks(fn, cells, rows, batch_size or 1024, self._key(seed))[0]
-            index = (
-                None if overall is not None else np.asarray((self.adata if adata is None else adata).obs_names)[rows]
-            )
+        draws = (n, latent, overall, (weights == "importance", kwargs), batch_size, return_mean, seed)
+        values, index, return_mean = _predict.normalized_expression(self, adata, indices, *draws)
         genes = _an.gene_mask(self.var_names, gene_list)
         values = values[..., genes] * scale
         if not return_mean and n > 1:
@@ -473,17 +392,8 @@ class SCAR:
         unknown = set(data_loader_kwargs) - {"batch_size"}
         if unknown:
             raise TypeError(f"get_importance_weights() got unknown keyword arguments {sorted(unknown)}")
-        cells, rows = self._cells(adata, indices)
-        moments = self.get_latent_representation(adata, rows, return_dist=True) if qz is None else qz
-        z_mean, z_var = _an.latent_moments(moments, len(rows), self.config.n_latent)
-        zs = _an.latent_draws(zs, z_mean, z_var, seed)
-        anchors = _abundance.select_anchor_cells(len(rows), max_cells, seed)
-        log_px = self.get_marginal_ll(adata, rows[anchors], n_mc_samples, return_mean=False, seed=seed)
-        log_px_z = lambda flat: self._anchor_log_likelihood(cells, rows[anchors], flat)  # noqa: E731
-        return _an.importance_weights(zs, z_mean, z_var, anchors, log_px, log_px_z, truncation)
-
-    def _anchor_log_likelihood(self, cells: _post.HostCells, anchor_rows: np.ndarray, zs: np.ndarray) -> np.ndarray:
-        return _an.anchor_log_likelihood(self.config, self._variables, self.ambient_profile, cells, anchor_rows, zs)
+        mc = (max_cells, truncation, n_mc_samples)
+        return _predict.importance_weights(self, adata, indices, qz, zs, *mc, seed)
 
     def get_likelihood_parameters(
         self,
@@ -528,7 +438,6 @@ class SCAR:
         return sp.csr_matrix(values[..., 0]) if n == 1 else values
 
     # ------------------------------------------------------------------ differential expression and abundance
-    # long: scvi-tools' signature (25 parameters); the body is 20 lines
     def differential_expression(
         self,
         adata: anndata.AnnData | None = None,
@@ -563,39 +472,12 @@ class SCAR:
         resampled with :meth:`get_importance_weights` for ``weights="importance"``. No batch covariate:
         ``batch_correction``/``batchid*`` change nothing.
         """
-        if weights not in (None, "uniform", "importance"):
-            raise ValueError(f"weights must be 'uniform' or 'importance', got {weights!r}")
-        iw_kwargs = dict(importance_weighting_kwargs or {})
-        _an.check_importance_kwargs(iw_kwargs, "importance_weighting_kwargs")
-        adata = self.adata if adata is None else adata
-        cells, _ = self._cells(adata, None)
-        extra = iw_kwargs if weights == "importance" else {}
-        scales = lambda rows, n, s: self.get_normalized_expression(  # noqa: E731
-            adata, rows, n_samples_overall=n, batch_size=batch_size, seed=s, return_numpy=True, weights=weights, **extra
-        )
-        latent = lambda rows: self.get_latent_representation(adata, indices=rows, batch_size=batch_size)  # noqa: E731
-        return _de.differential_expression(
-            scales,
-            adata.obs,
-            cells.x,
-            list(self.var_names),
-            groupby,
-            group1,
-            group2,
-            idx1,
-            idx2,
-            mode,
-            delta,
-            all_stats,
-            fdr_target,
-            n_samples_overall=n_samples_overall,
-            pseudocounts=pseudocounts,
-            test_mode=test_mode,
-            cred_interval_lvls=cred_interval_lvls,
-            latent=latent if filter_outlier_cells else None,
-            seed=seed,
-            silent=silent,
-        )
+        groups = {"groupby": groupby, "group1": group1, "group2": group2, "idx1": idx1, "idx2": idx2}
+        stats = {"mode": mode, "delta": delta, "pseudocounts": pseudocounts, "test_mode": test_mode}
+        table = {"all_stats": all_stats, "fdr_target": fdr_target, "n_samples_overall": n_samples_overall, "seed": seed}
+        iw = (weights, importance_weighting_kwargs, filter_outlier_cells)
+        statistics = {**stats, "cred_interval_lvls": cred_interval_lvls}
+        return _predict.differential_expression(self, adata, groups, batch_size, *iw, statistics=statistics, **table)
 
     def get_aggregated_posterior(
         self,
@@ -621,15 +503,7 @@ class SCAR:
     ) -> pd.DataFrame:
         """Log-probability ``(n_cells, n_samples)`` of each cell's latent mean under each sample's aggregated
         posterior, a DataFrame (scvi-tools writes ``obsm["da_log_probs"]``); ``num_cells_posterior`` subsamples."""
-        adata = self.adata if adata is None else adata
-        if sample_key is None or sample_key not in adata.obs:
-            raise ValueError(f"sample_key must be a column of adata.obs, got {sample_key!r}")
-        means, variances = self.get_latent_representation(adata, batch_size=batch_size, return_dist=True)
-        points = None
-        if self.config.latent_distribution == "ln":
-            points = self.get_latent_representation(adata, batch_size=batch_size, give_mean=True)
-        obs = adata.obs[sample_key]
-        return _abundance.differential_abundance(obs, means, variances, num_cells_posterior, dof, seed, points=points)
+        return _predict.differential_abundance(self, adata, sample_key, batch_size, num_cells_posterior, dof, seed)
 
     def get_feature_correlation_matrix(
         self,
@@ -645,19 +519,11 @@ class SCAR:
         seed: int = 0,
     ) -> pd.DataFrame:
         """Gene-gene correlation of posterior draws of ``rna_size_factor x phi`` (``n_samples`` per cell)."""
+        draws = {"library_size": rna_size_factor, "n_samples": n_samples, "batch_size": batch_size, "seed": seed}
         samples = self.get_normalized_expression(
-            adata,
-            indices,
-            transform_batch=transform_batch,
-            library_size=rna_size_factor,
-            n_samples=n_samples,
-            batch_size=batch_size,
-            return_mean=False,
-            return_numpy=True,
-            seed=seed,
+            adata, indices, transform_batch, return_mean=False, return_numpy=True, **draws
         )
-        matrix = _abundance.feature_correlation(samples, correlation_type)
-        return pd.DataFrame(matrix, index=self.var_names, columns=self.var_names)
+        return _predict.feature_correlation(samples, self.var_names, correlation_type)
 
     # ------------------------------------------------------------------ denoising
     def get_noise_ratio(
@@ -677,7 +543,7 @@ class SCAR:
         for a following ``get_denoised_counts()`` with the same data and settings.
         """
         if calibrated:
-            return self._calibrated(adata, indices, batch_size, n_neighbours)[0]
+            return _predict.calibrated(self, adata, indices, batch_size, n_neighbours)[0]
         return self._decode_at_mean(*self._cells(adata, indices), batch_size)[1][:, 0]
 
     def get_native_frequencies(
@@ -690,34 +556,6 @@ class SCAR:
         cfg, v = self.config, self._variables
         fn = lambda b, k: _post.decode_at_mean(cfg, v, b.x)  # noqa: E731
         return _post.map_chunks(fn, cells, rows, batch_size or 1024, self._key(0))
-
-    def _calibrated(self, adata, indices, batch_size, n_neighbours: int, expressed_prior_odds: float = 0.1):
-        """Calibrated noise ratio ``(m,)`` and native share ``(m, G)`` of the selected rows, the cells and rows.
-
-        The last calibration is kept, keyed on the parameters (by identity), a digest of the counts, profile and
-        batches (:func:`scar_jax.data.calibration_digest`), ``n_neighbours`` and ``expressed_prior_odds``."""
-
-        cells, rows = self._cells(adata, indices)
-        n_neighbours = _positive_int(n_neighbours, "n_neighbours")
-        target = self.adata if adata is None else adata
-        profile = np.asarray(self.ambient_profile)
-        batches = _data.batch_index(target, self.spec) if profile.shape[0] > 1 else None
-        digest = _data.calibration_digest(target, self.spec, profile, batches)
-        key = (digest, n_neighbours, float(expressed_prior_odds))
-        cached = self._calibration_cache
-        if digest is not None and cached is not None and cached[0] is self._variables and cached[1] == key:
-            eps, share = cached[2], cached[3]
-        else:
-            eps, share = _data.calibrate_model(
-                self,
-                adata,
-                n_neighbours=n_neighbours,
-                expressed_prior_odds=expressed_prior_odds,
-                batch_size=batch_size,
-                share_at="observed",
-            )
-            self._calibration_cache = None if digest is None else (self._variables, key, eps, share)
-        return eps[rows], share[rows], cells, rows
 
     @property
     def default_denoising_method(self) -> str:
@@ -750,26 +588,8 @@ class SCAR:
         which can exceed the observed count. The count-preserving ones are integers in ``[0, x]`` with zeros kept.
         ``return_sparse``: CSR; default for sparse input and a count-preserving method. ``seed``: every draw.
         """
-        n_samples = _positive_int(n_samples, "n_samples")
-        method = self.default_denoising_method if method is None else method
-        if method not in ("split", "split_mean", "expected", "calibrated"):
-            raise ValueError(f"method must be 'split', 'split_mean', 'expected' or 'calibrated', got {method!r}")
-        if method == "calibrated":
-            _, share, cells, rows = self._calibrated(adata, indices, batch_size, n_neighbours, expressed_prior_odds)
-            return calibrated_split(cells.x[rows], share, seed, return_sparse)
-        if return_sparse is None:
-            sparse = _data.counts_are_sparse(self.adata if adata is None else adata, self.spec)
-            return_sparse = sparse and method != "expected"
-        if method == "split":
-            out = self._split_counts(adata, indices, batch_size, n_samples, seed)
-            return out if return_sparse else out.toarray()
-        fn = _an.denoise_fn(self.config, self._variables, self.ambient_profile, method, n_samples)
-        return self._map(fn, adata, indices, batch_size, seed, sparse_output=bool(return_sparse))[0]
-
-    def _split_counts(self, adata, indices, batch_size, n_samples: int, seed: int) -> sp.csr_matrix:
-        cells, rows = self._cells(adata, indices)
-        cfg, v, key = self.config, self._variables, self._key(seed)
-        return _an.split_counts(cfg, v, self.ambient_profile, cells, rows, batch_size, n_samples, seed, key)
+        options = (method, indices, seed, return_sparse, n_neighbours, expressed_prior_odds)
+        return _predict.denoised_counts(self, adata, n_samples, batch_size, *options)
 
     def write_denoised_counts(
         self,
@@ -787,18 +607,8 @@ class SCAR:
         """Write ``get_denoised_counts(adata, method="split")`` to the CSR ``layers[layer]`` of a new ``.h5ad``
         (the cells' ``obs`` and ``var``, no ``X``), ``block_cells`` cells at a time, atomically (a temporary
         name, renamed when complete). For data larger than memory (:func:`scar_jax.backed.read_backed`)."""
-        if not self.is_trained:
-            raise RuntimeError("the model is not trained yet; call model.train() first")
-        if not isinstance(layer, str) or not layer:
-            raise ValueError(f"layer must be a non-empty string, got {layer!r}")
-        path = Path(filename)
-        if path.exists() and not overwrite:
-            raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
-        block = _positive_int(block_cells, "block_cells")
-        n_samples = _positive_int(n_samples, "n_samples")
-        adata = self.adata if adata is None else adata
-        split = lambda rows: self._split_counts(adata, rows, batch_size, n_samples, seed)  # noqa: E731
-        _io.write_layer_by_blocks(path, adata, layer, block, split, progress_bar)
+        options = (block_cells, batch_size, n_samples, seed, overwrite, progress_bar)
+        _predict.write_denoised_counts(self, filename, adata, layer, *options)
 
     @staticmethod
     def get_ambient_profile(
@@ -823,23 +633,10 @@ class SCAR:
         its strength; ``0`` with ``prob=0.995``: scvi-tools' profile). Genes matched by name; with a batch key
         (default: the setup's, if ``raw_adata.obs`` has it) one profile per batch, in the setup's order.
         """
-        raw, groups = _data.raw_droplet_groups(adata, raw_adata, batch_key)
-        chunk = min(max(1, -(-raw_adata.n_obs // max(1, int(n_batch)))), 100_000)
-        profiles = [
-            _ambient.estimate_ambient_profile(
-                raw if len(rows) == raw.shape[0] else raw[rows],
-                prob,
-                min_raw_counts,
-                iterations,
-                sample,
-                seed,
-                chunk_size=chunk,
-                prior_counts=prior_counts,
-            ).profile
-            for rows in groups
-        ]
-        adata.varm["ambient_profile"] = profile = np.stack(profiles, axis=1)
-        return profile
+        options = {"prob": prob, "min_raw_counts": min_raw_counts, "iterations": iterations, "sample": sample}
+        return _predict.ambient_profile(
+            adata, raw_adata, n_batch, batch_key, **options, seed=seed, prior_counts=prior_counts
+        )
 
     # ------------------------------------------------------------------ feature barcodes
     def get_bayes_factors(
@@ -852,14 +649,7 @@ class SCAR:
     ) -> np.ndarray:
         """``(n_cells, n_features)`` Bayes factors (natural log with ``log``) that a count exceeds the ambient:
         ``P(X <= x) / P(X = x)``, ``X ~ Poisson(N * noise_ratio * a + adjustment)`` (:mod:`scar_jax.features`)."""
-        return self._bayes_factors(*self._cells(adata, indices), batch_size, adjust, log)
-
-    def _bayes_factors(self, cells, rows, batch_size, adjust, log: bool = False) -> np.ndarray:
-        noise_ratio = self._decode_at_mean(cells, rows, batch_size)[1][:, 0]
-        x = cells.x[rows]
-        library = np.asarray(x.sum(axis=1), np.float64).ravel()
-        fn = _features.log_bayes_factors if log else _features.bayes_factors
-        return fn(x, library, noise_ratio, self.ambient_profile, cells.batch_index[rows], adjust=adjust)
+        return _predict.bayes_factors(self, *self._cells(adata, indices), batch_size, adjust, log)
 
     def assign_features(
         self,
@@ -872,13 +662,7 @@ class SCAR:
         """Features (guides, hashtags, CMOs) of each cell from their Bayes factors: ``moi=None``, the original's
         rule (those tied at the maximum, if >= ``cutoff``); ``moi=k``, up to ``k`` with factor >= ``cutoff``.
         A DataFrame indexed by ``obs_names``: the features (comma-joined), their number and total count."""
-        adata = self.adata if adata is None else adata
-        cells, rows = self._cells(adata, None)
-        bf = self._bayes_factors(cells, rows, batch_size, adjust)
-        names, obs_names = np.asarray(adata.var_names), np.asarray(adata.obs_names)
-        return _features.assign_features(
-            bf, cells.x, names, cutoff=cutoff, moi=moi, obs_names=obs_names, feature_type=self.feature_type
-        )
+        return _predict.assign_features(self, adata, cutoff, moi, adjust, batch_size)
 
     # ------------------------------------------------------------------ persistence
     def save(
@@ -892,28 +676,7 @@ class SCAR:
     ) -> None:
         """Save the model atomically to ``dir_path`` (with ``save_anndata``, the AnnData too); unlike scvi-tools
         with the optimizer state, step and history, so training can resume."""
-        state = self._state
-        if state is None:  # untrained or imported: a state with a fresh optimizer keeps one file format
-            state = _train.init_train_state(self._variables, _train.make_optimizer(), self._train_key)
-        split = (self.train_indices, self.validation_indices, self.test_indices)
-        self._write(dir_path, state, self.history_rows, split, self.is_trained, overwrite, prefix, save_anndata)
-
-    def _record(self) -> dict[str, Any]:
-        return {
-            "config": dataclasses.asdict(self.config),
-            "spec": self.spec.to_dict(),
-            "var_names": self.var_names.tolist(),
-            "seed": self.seed,
-            "feature_type": self.feature_type,
-            "training_time_s": self.training_time_s,
-        }
-
-    def _write(self, dir_path, state, rows, split, is_trained, overwrite, prefix=None, save_anndata=False) -> None:
-        adata = self.adata if save_anndata else None
-        record, ambient = self._record(), self.ambient_profile
-        _io.write_model(
-            dir_path, record, state, ambient, rows, split, is_trained, prefix=prefix, overwrite=overwrite, adata=adata
-        )
+        _persist.save(self, dir_path, prefix, overwrite, save_anndata)
 
     @classmethod
     def load(
@@ -922,31 +685,7 @@ class SCAR:
         """Load a model saved by :meth:`save`; ``adata`` must have the same genes in the same order."""
         if kwargs:
             raise TypeError(f"load() got unknown keyword arguments {sorted(kwargs)}")
-        manifest, state_bytes, adata_path = _io.read_model_dir(dir_path, prefix)
-        if adata is None:
-            if not adata_path.is_file():
-                raise ValueError(f"{dir_path} was saved without its AnnData; pass adata=... to SCAR.load")
-            adata = anndata.read_h5ad(adata_path)
-        _data.check_genes(adata, np.asarray(manifest["var_names"]))
-        spec = _data.AnnDataSpec.from_dict(manifest["spec"])
-        if adata.uns.get(_data.UNS_KEY) is None:
-            _data.setup_anndata(adata, spec.batch_key, spec.labels_key, spec.layer, spec.size_factor_key)
-        config, seed, trained = SCARConfig(**manifest["config"]), int(manifest["seed"]), bool(manifest["is_trained"])
-        state, ambient = _io.read_state(dir_path, manifest, state_bytes, _train.template_state(config, seed))
-        return cls._from_parts(
-            adata,
-            spec,
-            config,
-            seed=seed,
-            feature_type=manifest.get("feature_type", "mRNA"),
-            ambient_profile=ambient,
-            variables=state.variables,
-            state=state if trained else None,
-            is_trained=trained,
-            history_rows=manifest["history"],
-            split=_io.saved_split(manifest),
-            training_time_s=float(manifest.get("training_time_s", 0.0)),
-        )
+        return cls._from_parts(**_persist.load_parts(dir_path, adata, prefix))
 
     # ------------------------------------------------------------------ setup record and devices (scar_jax.compat)
     def view_anndata_setup(self, adata: anndata.AnnData | None = None, hide_state_registries: bool = False) -> None:
@@ -1050,13 +789,8 @@ class SCAR:
 
     @property
     def summary_string(self) -> str:
-        c = self.config
-        return (
-            f"SCAR model with n_hidden: {c.n_hidden}, n_latent: {c.n_latent}, n_layers: {c.n_layers}, "
-            f"dropout_rate: {c.dropout_rate}, gene_likelihood: {c.gene_likelihood}, "
-            f"latent_distribution: {c.latent_distribution}, scale_activation: {c.scale_activation}, "
-            f"sparsity: {c.sparsity}\nTraining status: {'Trained' if self.is_trained else 'Not Trained'}"
-        )
+        """scvi-tools' one-paragraph description of the architecture and training status (the ``repr``)."""
+        return _compat.summary_string(self.config, self.is_trained)
 
     def __repr__(self) -> str:
         return self.summary_string

@@ -80,7 +80,7 @@ def evaluate_both(scvi_model, model: SCAR, x: np.ndarray, batch_index: np.ndarra
     rec_scvi = loss.reconstruction_loss["reconstruction_loss"].numpy()
     kl_scvi = loss.kl_local["kl_divergence_z"].numpy()
 
-    cfg, variables = model.config, model._variables
+    cfg, variables = model.config, model.variables
     z_mean, z_var = posterior.encode(cfg, variables, jnp.asarray(x))
     nf, noise, zi = model._net.apply(variables, jnp.asarray(z_raw.numpy()), method="decode")
     theta = jnp.exp(variables["params"]["px_r"])
@@ -266,9 +266,9 @@ def test_float32_determinism_of_import(trained):
     _, path, adata = trained(case)
     a = scvi_io.from_scvi_tools(SCAR, path, adata.copy())
     b = scvi_io.from_scvi_tools(SCAR, path, adata.copy())
-    jax.tree.map(np.testing.assert_array_equal, a._variables, b._variables)
+    jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
     saved = scvi_io.read_scvi_tools_save(path)
-    back = scvi_io.variables_to_state_dict(jax.device_get(a._variables), case.n_layers)
+    back = scvi_io.variables_to_state_dict(jax.device_get(a.variables), case.n_layers)
     for key, value in back.items():
         if not key.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(value, saved["state_dict"][key], err_msg=key)
@@ -321,7 +321,7 @@ def test_convert_legacy_save_then_load_without_torch(trained, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "torch", None)  # SCAR.load must not need PyTorch
     loaded = SCAR.load(str(out))  # the AnnData saved by scvi-tools was carried over
     monkeypatch.undo()
-    jax.tree.map(np.testing.assert_array_equal, loaded._variables, reference._variables)
+    jax.tree.map(np.testing.assert_array_equal, loaded.variables, reference.variables)
     np.testing.assert_array_equal(loaded.ambient_profile, reference.ambient_profile)
     assert loaded.is_trained and loaded.config == reference.config
     np.testing.assert_array_equal(loaded.get_latent_representation(), reference.get_latent_representation())

@@ -345,7 +345,10 @@ def _dense_reference(x, nb, a, eps, n_iter=50, alpha=1.0, pi0=0.5, tol=1e-4, odd
         profiles = np.asarray(a, np.float64) / np.sum(a, 1, keepdims=True)
         a = profiles[batch]  # (n, G): each cell's own profile
     else:
-        a = np.asarray(a, np.float64) / np.sum(a)
+        profiles = a = np.asarray(a, np.float64) / np.sum(a)
+    # the genes that estimate eps and pi: expected pooled count >= 10 under the profile (all if none)
+    estimates = np.atleast_2d(profiles).max(0) * np.median(library[nb].sum(1)) >= 10
+    estimates = estimates if estimates.any() else np.ones_like(estimates)
     eps = np.clip(np.asarray(eps, np.float64), 1e-6, 1 - 1e-6)
     pooled = np.stack([x[nb[i]].sum(0) for i in range(n)])
     pi, s = np.full(n, pi0), np.ones(n)
@@ -360,9 +363,10 @@ def _dense_reference(x, nb, a, eps, n_iter=50, alpha=1.0, pi0=0.5, tol=1e-4, odd
     for _ in range(n_iter):
         q, theta = posterior(eps, pi, s)
         previous = eps
-        off_ambient = np.maximum(library * ((1 - q) * a).sum(1), 1e-300)  # no gene off: eps 0, then the floor
-        eps = np.clip(((1 - q) * x).sum(1) / off_ambient, 1e-6, 1 - 1e-6)
-        pi, s = np.clip(q.mean(1), 1e-6, 1 - 1e-6), 1 / np.maximum((q * a).sum(1), 1e-12)
+        off = (1 - q) * estimates
+        off_ambient = np.maximum(library * (off * a).sum(1), 1e-300)  # no gene off: eps 0, then the floor
+        eps = np.clip((off * x).sum(1) / off_ambient, 1e-6, 1 - 1e-6)
+        pi, s = np.clip(q[:, estimates].mean(1), 1e-6, 1 - 1e-6), 1 / np.maximum((q * a).sum(1), 1e-12)
         if np.max(np.abs(eps - previous) / previous) < tol:
             break
     q, theta = posterior(eps, pi, s)  # the share at the fitted parameters

@@ -45,8 +45,13 @@ than a relative ``tol``:
 
 .. code-block:: text
 
-    pi_i = mean_g q_ig,   s_i = 1 / sum_g q_ig a_g,
-    eps_i = sum_g (1 - q_ig) x_ig / (N_i sum_g (1 - q_ig) a_g)
+    pi_i = mean_{g in E} q_ig,   s_i = 1 / sum_g q_ig a_g,
+    eps_i = sum_{g in E} (1 - q_ig) x_ig / (N_i sum_{g in E} (1 - q_ig) a_g)
+
+over the estimating genes ``E = {g : a_g median_i(sum_{j in J(i)} N_j) >= 10}`` (``MIN_EXPECTED_POOLED_COUNT``;
+all genes if none passes): a gene expected to hold fewer than 10 counts in a pooled neighbourhood cannot tell on
+from off, and many such genes bias the estimate upward (docs/model.md, "Which genes estimate the noise ratio").
+The share is computed for every gene.
 
 with ``1 - q`` below ``OFF_PROBABILITY_FLOOR`` (2^-53) taken as zero, and every cell starting at
 ``START_NOISE_RATIO``. With one ambient profile per batch, ``B_i a_g`` becomes
@@ -75,9 +80,9 @@ from .knn import (  # noqa: F401 (re-exported)
     knn_indices,
     pool_counts,
 )
-from .loop import OFF_PROBABILITY_FLOOR  # noqa: F401 (re-exported)
+from .loop import MIN_EXPECTED_POOLED_COUNT, OFF_PROBABILITY_FLOOR  # noqa: F401 (re-exported)
 from .oracle import neighbourhood_posterior
-from .share import calibrated_native_share
+from .share import calibrated_native_share, estimating_genes  # noqa: F401 (re-exported)
 
 __all__ = [
     "calibrate",

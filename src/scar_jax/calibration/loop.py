@@ -20,6 +20,13 @@ _DTYPE = jnp.float32  # of the calibration loop on the device
 # least certain expressed gene, above what the isotype controls imply (docs/benchmarks.md, CITE-seq).
 # The float64 loop of earlier versions had it implicitly (1 - q rounds to 0 below 1.1e-16); it is that value.
 OFF_PROBABILITY_FLOOR = 2.0**-53
+# The genes that estimate the noise ratio and the prior ``pi``: those whose pooled neighbourhood holds at least this
+# many counts under the ambient profile, ``a_g * median_i(sum_{j in J(i)} N_j) >= 10``. A gene with fewer cannot
+# tell "on" from "off" (both likelihoods are near 1 at a zero count), so its posterior follows the prior; when
+# thousands of them are called on with ``pi`` near 1 the off genes' ambient mass, the estimate's denominator,
+# drains away and the noise ratio climbs to a spurious fixed point (real PBMC with all genes: 0.68 against 0.059
+# with these genes; docs/model.md, "Which genes estimate the noise ratio"). Every gene still gets its share.
+MIN_EXPECTED_POOLED_COUNT = 10.0
 
 
 class _Problem(NamedTuple):
@@ -35,6 +42,7 @@ class _Problem(NamedTuple):
     neighbours: jax.Array  # (n, k)
     batch: jax.Array  # (n,) row of ``profiles`` of each cell
     profiles: jax.Array  # (n_batches, G), rows sum to one
+    estimates: jax.Array  # (G,) 1 for the genes that estimate eps and pi (MIN_EXPECTED_POOLED_COUNT), else 0
     row: jax.Array  # (n_blocks, block)
     col: jax.Array  # (n_blocks, block)
     pooled: jax.Array  # (n_blocks, block) X_ig
@@ -119,7 +127,7 @@ def _round(eps, pi, s, problem: _Problem, alpha, chunk: int):
     """One update of ``(eps, pi, s)`` (module docstring): the posterior at every zero pooled count is a
     function of the row's parameters and the gene's ambient frequencies (row chunks, nothing ``(n, G)`` held);
     the stored entries correct it."""
-    n, n_genes = problem.library.shape[0], problem.profiles.shape[1]
+    n = problem.library.shape[0]
     native_library, by_batch = _libraries(eps, problem)
     logit_pi = jnp.log(pi) - jnp.log1p(-pi)
     scale = native_library * s
@@ -129,7 +137,8 @@ def _round(eps, pi, s, problem: _Problem, alpha, chunk: int):
         background = _background(by_batch, problem.profiles)
         log_odds = _log_odds(0.0, 0.0, scale[:, None] * cell_a + background, background, logit_pi[:, None], alpha)
         q, off = _on_off(log_odds)
-        return q.sum(1), (q * cell_a).sum(1), (off * cell_a).sum(1)
+        estimates = problem.estimates[None, :]
+        return (q * estimates).sum(1), (q * cell_a).sum(1), (off * cell_a * estimates).sum(1)
 
     q_sum, q_ambient, off_ambient = _by_row_chunks(zero_counts, (scale, logit_pi, by_batch, problem.batch), n, chunk)
 
@@ -138,7 +147,9 @@ def _round(eps, pi, s, problem: _Problem, alpha, chunk: int):
         mu, background, cell_a = _entry_terms(scale, by_batch, problem, row, col)
         q, off = _on_off(_log_odds(pooled, lgamma_ratio, mu, background, logit_pi[row], alpha))
         q0, off0 = _on_off(_log_odds(0.0, 0.0, mu, background, logit_pi[row], alpha))
-        terms = (q - q0, (q - q0) * cell_a, (off - off0) * cell_a, jnp.where(cell_a > 0, off * counts, 0.0))
+        estimates = problem.estimates[col]
+        off_counts = jnp.where(cell_a > 0, off * counts, 0.0) * estimates
+        terms = ((q - q0) * estimates, (q - q0) * cell_a, (off - off0) * cell_a * estimates, off_counts)
         added = (total.at[row].add(term, indices_are_sorted=True) for total, term in zip(sums, terms, strict=True))
         return tuple(added), None
 
@@ -147,7 +158,8 @@ def _round(eps, pi, s, problem: _Problem, alpha, chunk: int):
     q_sum, q_ambient, off_ambient, off_counts = sums
     tiny = jnp.finfo(eps.dtype).tiny
     new_eps = jnp.clip(off_counts / jnp.maximum(problem.library * off_ambient, tiny), 1e-6, 1 - 1e-6)
-    return new_eps, jnp.clip(q_sum / n_genes, 1e-6, 1 - 1e-6), 1.0 / jnp.maximum(q_ambient, 1e-12)
+    new_pi = jnp.clip(q_sum / problem.estimates.sum(), 1e-6, 1 - 1e-6)
+    return new_eps, new_pi, 1.0 / jnp.maximum(q_ambient, 1e-12)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .blocks import CHUNK_ENTRIES, _blocks_of, _stored_entries
-from .loop import _DTYPE, _fit, _Problem, _share_at, _share_dense
+from .loop import _DTYPE, MIN_EXPECTED_POOLED_COUNT, _fit, _Problem, _share_at, _share_dense
 
 _TINY = 1e-300
 
@@ -115,9 +115,19 @@ def _problem(x, neighbours, profiles, batch_index, library, alpha, chunk_entries
         neighbours=jnp.asarray(neighbours, jnp.int32),
         batch=jnp.asarray(batch_index, jnp.int32),
         profiles=f32(profiles),
+        estimates=f32(estimating_genes(profiles, library, neighbours)),
         **{name: jnp.asarray(entries.pop(name)) for name in ("row", "col", "pooled", "lgamma_ratio", "counts")},
     )
     return problem, at_x, n_entries
+
+
+def estimating_genes(profiles: np.ndarray, library: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """``(G,)`` bool: the genes that estimate the noise ratio and ``pi``, ``max_b a_bg * median_i(sum_{j in J(i)}
+    N_j) >= MIN_EXPECTED_POOLED_COUNT`` (:mod:`.loop`); all genes when none passes (a tiny data set)."""
+    pooled_library = float(np.median(np.asarray(library, np.float64)[np.asarray(neighbours)].sum(1)))
+    expected = np.asarray(profiles, np.float64).max(0) * pooled_library
+    passes = expected >= MIN_EXPECTED_POOLED_COUNT
+    return passes if passes.any() else np.ones_like(passes)
 
 
 def _dense_share(fitted: tuple, n_entries: int, block: int, chunk: int, shape, support: np.ndarray) -> np.ndarray:

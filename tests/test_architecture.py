@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,13 @@ def test_the_model_binds_no_functions_from_other_modules():
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SCAR"]
     bound = [ast.unparse(n) for n in cls.body if isinstance(n, ast.Assign | ast.AnnAssign)]
     assert bound == []
+
+
+def test_the_readme_layout_names_every_module():
+    """Every module and package of ``src/scar_jax`` is named in the README's "Layout" section, and nothing else."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0].split("\n`tests/`", 1)[0]  # the package's list
+    named = {name.rstrip("/") for name in re.findall(r"`([a-z_0-9]+(?:\.py|/))`", layout)} - {"src/", "scar_jax/"}
+    tree = {p.stem for p in SRC.glob("*.py") if p.name != "__init__.py"} | {p.name for p in SRC.iterdir() if p.is_dir()}
+    tree.discard("__pycache__")
+    assert {n.removesuffix(".py") for n in named} == tree

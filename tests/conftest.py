@@ -27,26 +27,27 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # With `pytest -n 2 --dist loadfile` (README, CI) whole files go to the two workers in collection order, so the
 # longest files are collected first and the short ones fill the gaps at the end: the longest-first rule for
-# scheduling. Order from a full `-n 2` run with --durations on 2 shared cores (2026-12-05; seconds per file, summed
-# over its tests, in brackets). Plain `pytest` is unaffected but for the order.
+# scheduling. Order from a full `-n 2` run with --durations=0 on 2 cores (2026-12-05, the compilation cache warm;
+# seconds per file, summed over its tests, in brackets). Plain `pytest` is unaffected but for the order.
 LONGEST_FILES_FIRST = (
-    "test_notebooks.py",  # (~485: six notebooks in their own kernels)
-    "test_model.py",  # (~370)
-    "test_calibration.py",  # (~310)
-    "test_parity.py",  # (~230)
-    "test_real_pbmc.py",  # (~225)
-    "test_backed.py",  # (~170)
-    "test_properties.py",  # (~150)
-    "test_cli.py",  # (~140)
-    "test_distributed.py",  # (~110: subprocesses)
-    "test_cli_resume.py",  # (~100: subprocesses)
-    "test_posterior.py",  # (~100)
-    "test_train.py",  # (~100)
-    "test_validation.py",  # (~95)
-    "test_resume.py",  # (~70: subprocesses)
-    "test_features.py",  # (~60)
-    "test_real_citeseq.py",  # (~55)
-    "test_ambient.py",  # (~50)
+    "test_model.py",  # (~115)
+    "test_notebooks.py",  # (~110: notebooks in their own kernels)
+    "test_calibration.py",  # (~77)
+    "test_real_pbmc.py",  # (~76)
+    "test_posterior.py",  # (~75)
+    "test_parity.py",  # (~45)
+    "test_cli_resume.py",  # (~40: subprocesses)
+    "test_train.py",  # (~37)
+    "test_cli.py",  # (~31)
+    "test_likelihoods.py",  # (~31)
+    "test_validation.py",  # (~30)
+    "test_distributed.py",  # (~28: subprocesses)
+    "test_resume.py",  # (~28: subprocesses)
+    "test_properties.py",  # (~26)
+    "test_vae.py",  # (~23)
+    "test_counts.py",  # (~22)
+    "test_nets.py",  # (~22)
+    "test_scvi_tools_scar.py",  # (~17)
 )
 
 

@@ -249,7 +249,7 @@ def streamed_training(
     device: Any,
     batch_size: int = 128,
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``(epoch, evaluate)`` with the signatures :func:`scar_jax.train.fit` expects, streaming blocks from disk.
+    """``(epoch, evaluate)`` with the signatures :func:`scar_jax.fit.fit` expects, streaming blocks from disk.
 
     The block order of an epoch is a permutation drawn from ``(state.key, state.step)``, like every other
     random choice of training; the ``data`` and ``rows`` arguments ``fit`` passes are ignored.

@@ -13,6 +13,7 @@ import anndata
 import numpy as np
 
 from . import data as _data
+from . import fit as _fit
 from . import io as _io
 from . import train as _train
 from .vae import SCARConfig
@@ -57,9 +58,9 @@ def save(model, dir_path: str, prefix, overwrite: bool, save_anndata: bool) -> N
     write(model, dir_path, state, model.history_rows, split, model.is_trained, overwrite, prefix, save_anndata)
 
 
-def checkpoint(model, checkpoint_dir: str, every: int) -> _train.Checkpoint:
+def checkpoint(model, checkpoint_dir: str, every: int) -> _fit.Checkpoint:
     """Training checkpoints in ``checkpoint_dir`` every ``every`` epochs (read back to resume)."""
-    return _train.Checkpoint(
+    return _fit.Checkpoint(
         _io.has_model(checkpoint_dir),
         every,
         lambda template, split: _io.read_checkpoint(checkpoint_dir, record(model), template, split),

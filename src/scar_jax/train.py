@@ -342,25 +342,3 @@ def template_state(config: SCARConfig, seed: int) -> TrainState:
     init_key, train_key, _ = model_keys(seed)
     variables = init_variables(config.make_net(), init_key, config.n_genes)
     return init_train_state(variables, make_optimizer(), train_key)
-
-
-_MOVED_TO_FIT = (
-    "Checkpoint",
-    "EarlyStopping",
-    "FitResult",
-    "TrainingDiverged",
-    "all_finite",
-    "epoch_metrics",
-    "fit",
-    "fit_model",
-)
-
-
-def __getattr__(name: str) -> Any:
-    """The loop and orchestration names that moved to :mod:`scar_jax.fit`, still importable from here
-    (looked up lazily: ``scar_jax.fit`` imports this module)."""
-    if name in _MOVED_TO_FIT:
-        from . import fit
-
-        return getattr(fit, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``SCAR.train``'s orchestration: check scvi-tools' arguments, pick the devices and split, call
-:func:`scar_jax.train.fit_model`, keep the result on the model (``model``: a :class:`scar_jax.SCAR`, not imported).
+:func:`scar_jax.fit.fit_model`, keep the result on the model (``model``: a :class:`scar_jax.SCAR`, not imported).
 
 The arguments and what each does are listed in docs/compat.md.
 """
@@ -10,6 +10,7 @@ from typing import Any
 
 from . import arguments as _arguments
 from . import distributed as _distributed
+from . import fit as _fit
 from . import persist as _persist
 from . import train as _train
 from .train import positive_int as _positive_int
@@ -44,7 +45,7 @@ def train_model(
     checkpoint = None if checkpoint_dir is None else _persist.checkpoint(model, checkpoint_dir, checkpoint_every)
     run: dict[str, Any] = {"max_epochs": epochs, "batch_size": batch_size, "plan": plan, "trainer": trainer}
     try:
-        result = _train.fit_model(
+        result = _fit.fit_model(
             model.config,
             model._read_cells(model.adata),
             model.variables,
@@ -57,7 +58,7 @@ def train_model(
             early_stopping=early_stopping,
             checkpoint=checkpoint,
         )
-    except _train.TrainingDiverged as err:
+    except _fit.TrainingDiverged as err:
         if err.rows:  # keep the last good epoch's parameters
             model._trained(err.state, err.rows, err.split)
         raise

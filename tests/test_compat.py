@@ -170,8 +170,8 @@ def test_precision_maps_to_the_matmul_precision_of_training(adata, monkeypatch, 
 
     def spy(config, *args):
         seen.append(config.matmul_precision)
-        # on a CPU the Dense layers are float32 whatever the setting (scar_jax.nets.dot_precision): reuse the
-        # float32 compilation rather than compile the same program again
+        # the mapping is what is tested, not the reduced-precision training (test_nets): reuse the float32
+        # compilation rather than compile another program
         return compiled(dataclasses.replace(config, matmul_precision="float32"), *args)
 
     monkeypatch.setattr(fit_module, "compiled_training", spy)  # fit_model compiles through it

@@ -9,6 +9,7 @@ import pytest
 
 from scar_jax.nets import (
     SCARNet,
+    bfloat16_dot_general,
     dot_precision,
     row_normalize,
     scale_activation_fn,
@@ -315,9 +316,10 @@ def test_dot_precision_per_backend(monkeypatch):
         dot_precision("float8")
 
 
-def test_reduced_precision_names_keep_float32_results_on_cpu():
+def test_reduced_precision_names_on_cpu():
+    """On a CPU "tensorfloat32" is float32 exactly, and "bfloat16" stays close to float32 (bfloat16 operands)."""
     if jax.default_backend() != "cpu":
-        pytest.skip("on GPUs the reduced precisions do change the results")
+        pytest.skip("on GPUs the precisions are dot algorithms (test_dot_precision_per_backend)")
     x = jax.random.poisson(jax.random.key(0), 3.0, (6, N_GENES)).astype(jnp.float32)
     noise = jax.random.normal(jax.random.key(1), (6, N_LATENT))
     outputs = {}
@@ -325,6 +327,26 @@ def test_reduced_precision_names_keep_float32_results_on_cpu():
         net = SCARNet(N_GENES, n_hidden=N_HIDDEN, n_latent=N_LATENT, matmul_precision=precision)
         variables = init_variables(net, jax.random.key(2), N_GENES)
         outputs[precision] = net.apply(variables, x, noise)
-    for precision in ("bfloat16", "tensorfloat32"):
-        for a, b in zip(outputs["float32"], outputs[precision], strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(outputs["float32"], outputs["tensorfloat32"], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(outputs["float32"], outputs["bfloat16"], strict=True):
+        assert np.asarray(b).dtype == np.float32
+        scale = np.abs(np.asarray(a)).max()
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 0.05 * scale  # bfloat16 keeps 8 bits: ~0.4% per operand
+    pairs = zip(outputs["float32"], outputs["bfloat16"], strict=True)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)  # the operands were rounded
+
+
+def test_bfloat16_dot_general_is_bfloat16_products_summed_in_float32():
+    """Against float64 products of the operands rounded to bfloat16 (ml_dtypes): the float32 sum's rounding only."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    lhs, rhs = rng.normal(size=(7, 300)).astype(np.float32), rng.normal(size=(300, 5)).astype(np.float32)
+    got = np.asarray(bfloat16_dot_general(jnp.asarray(lhs), jnp.asarray(rhs), (((1,), (0,)), ((), ()))))
+    rounded = [m.astype(ml_dtypes.bfloat16).astype(np.float64) for m in (lhs, rhs)]
+    expected = rounded[0] @ rounded[1]
+    assert got.dtype == np.float32
+    bound = 300 * 2.0**-24 * (np.abs(rounded[0]) @ np.abs(rounded[1]))  # n u sum |products|, u = 2^-24 (float32)
+    assert (np.abs(got - expected) <= bound).all()
+    assert np.abs(got - lhs.astype(np.float64) @ rhs).max() > 1e-3  # the operands were rounded

@@ -21,7 +21,10 @@ Matmul precision (``matmul_precision``, beyond scvi-tools): ``"float32"`` (defau
 layer in true float32 on every backend (JAX's own default on NVIDIA GPUs since Ampere is TF32);
 ``"tensorfloat32"`` and ``"bfloat16"`` round the layer inputs and kernels to TF32 / bfloat16 and
 accumulate in float32 (JAX dot algorithms ``TF32_TF32_F32`` / ``BF16_BF16_F32``) on GPUs; activations,
-BatchNorm and every likelihood stay float32. XLA's CPU backend has neither: there both compute float32.
+BatchNorm, parameters and every likelihood stay float32. XLA's CPU backend ignores a dot's precision on float32
+operands, so there ``"bfloat16"`` casts the operands to bfloat16 and asks for a float32 result
+(``preferred_element_type``; the same arithmetic: bfloat16 products, float32 accumulation), which runs on the
+CPU's bfloat16 units where it has them; the CPU has no TF32, so ``"tensorfloat32"`` computes float32 there.
 """
 
 from __future__ import annotations
@@ -98,12 +101,24 @@ def dot_precision(matmul_precision: MatmulPrecision) -> jax.lax.Precision | str:
     return "TF32_TF32_F32" if matmul_precision == "tensorfloat32" else "BF16_BF16_F32"
 
 
+def bfloat16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None) -> jax.Array:
+    """``lax.dot_general`` of the operands rounded to bfloat16, accumulated and returned in float32 (the CPU's
+    ``"bfloat16"`` matmul, module docstring); ``precision`` and ``preferred_element_type`` are ignored."""
+    del precision, preferred_element_type
+    return jax.lax.dot_general(
+        lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dimension_numbers, preferred_element_type=jnp.float32
+    )
+
+
 def _dense(features: int, fan_in: int, name: str, matmul_precision: MatmulPrecision = "float32") -> nn.Dense:
+    precision = dot_precision(matmul_precision)
+    cast = matmul_precision == "bfloat16" and jax.default_backend() != "gpu"
     return nn.Dense(
         features,
         kernel_init=torch_linear_kernel_init(),
         bias_init=torch_linear_bias_init(fan_in),
-        precision=dot_precision(matmul_precision),
+        precision=None if cast else precision,
+        dot_general=bfloat16_dot_general if cast else None,
         name=name,
     )
 

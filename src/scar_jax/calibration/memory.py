@@ -18,6 +18,7 @@ _DEVICE_ENTRY_BYTES = 64  # device bytes per entry of a block: its fields and th
 _CELL_BYTES = 256  # per-cell vectors besides the neighbourhoods (float64 host and float32 device, a few dozen)
 _CANDIDATE_BYTES = 40  # per latent candidate of a cell: index, affinity, order, and the approximate search's heaps
 _HOST_ENTRY_BYTES = 96  # per cell x gene of the building chunk: its CSR copies, the union, the fields in float64
+_RUNTIME_BYTES = 1 << 30  # compiled code and caches: the loop's XLA programs, the neighbour search's numba code
 _SPARSE_BYTES = 12  # per stored count of a CSR copy: float64 value and int32 index
 
 # the parts of the contract, with what lowers each (the error names the largest)
@@ -26,6 +27,7 @@ _FIXES = {
     "neighbourhoods": "fewer neighbours (n_neighbours)",
     "per-cell vectors": "fewer cells per call (calibrate a subset), or method='split'",
     "result": "method='split' (no calibration), or fewer cells per call",
+    "runtime": "method='split' (no calibration)",
     "blocks of stored entries": "a smaller block_entries",
     "building chunk": "fewer neighbours (n_neighbours), or method='split'",
     "chunks of rows": "a smaller chunk_entries",
@@ -53,7 +55,8 @@ def memory_terms(
         "neighbour candidates": n * candidates * _CANDIDATE_BYTES + max(_KNN_DISTANCE_ENTRIES, _AFFINITY_ENTRIES) * 16,
         "neighbourhoods": n * k * (8 + 4),  # host int64 and device int32
         "per-cell vectors": n * (_CELL_BYTES + 16 * int(n_batches)),
-        "result": int(nnz) * (_SPARSE_BYTES + 8) + (n + 1) * 8,  # float64 share and index copies, one transient
+        "result": int(nnz) * 8 + (n + 1) * 8,  # float32 share and int32 index copies, int64 indptr
+        "runtime": _RUNTIME_BYTES,
         "blocks of stored entries": int(block_entries) * (3 * ENTRY_BYTES + _DEVICE_ENTRY_BYTES),
         "building chunk": _HOST_ENTRIES * _HOST_ENTRY_BYTES + max(_GATHER_ENTRIES, k * g) * 2 * _SPARSE_BYTES,
         "chunks of rows": int(chunk_entries) * 4 * 8 + g * int(n_batches) * 8,
@@ -79,14 +82,15 @@ def memory_needed(
 
     .. code-block:: text
 
-        n (C m + 12 k + 256 + 16 b) + 20 nnz + block_entries (3 x 21 + 64) + 32 chunk_entries
-          + H + [20 n G with share_at="all"]
+        n (C m + 12 k + 264 + 16 b) + 8 nnz + block_entries (3 x 21 + 64) + 32 chunk_entries
+          + H + R + [20 n G with share_at="all"]
 
     with ``k = n_neighbours``, ``m = neighbour_candidates k`` latent candidates (``C = 40`` bytes each: index,
     affinity, order and the approximate search's heaps), ``b`` batches, 21 bytes an entry of a block read
     back from the spill (three in flight) and 64 of device temporaries, and ``H`` the constant building chunk
-    and distance chunks (a few hundred MB). The stored entries themselves are on disk (:func:`check_disk`).
-    :func:`memory_terms` gives the parts.
+    and distance chunks (a few hundred MB), ``R`` = 1 GiB for compiled code (XLA, numba), ``8 nnz`` the float32
+    share at the observed counts with its indices (the result). The stored entries themselves are on disk
+    (:func:`check_disk`). :func:`memory_terms` gives the parts.
     """
     return sum(
         memory_terms(

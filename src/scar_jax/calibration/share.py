@@ -46,7 +46,7 @@ def calibrated_native_share(
     ``c < 1`` the reverse; ``w`` is non-decreasing in ``c``. It enters only the final share, not the fit.
 
     ``share_at="all"``: ``w`` dense ``(n, G)`` float64; ``"observed"``, for sparse ``x``: ``w`` only where ``x``
-    stores an entry, CSR with the pattern of ``x`` (duplicates summed, indices sorted). Memory (the contract;
+    stores an entry, CSR float32 with the pattern of ``x`` (duplicates summed, indices sorted). Memory (the contract;
     :func:`scar_jax.calibration.memory_needed` in bytes): the stored pooled entries are spilled once to a
     temporary directory (``ENTRY_BYTES`` = 21 an entry) and read back each round in blocks of ``block_entries``.
     Beyond ``x`` (not copied when canonical CSR) and the result, it holds the per-cell vectors (``n x (k + c)``
@@ -169,10 +169,10 @@ def _dense_share(fitted: tuple, block: int, chunk: int, shape, support: np.ndarr
 
 
 def _observed_share(fitted: tuple, block: int, x: sp.csr_matrix, support: np.ndarray) -> sp.csr_matrix:
-    """The share at the entries of canonical CSR ``x`` (its pattern), block by block, and 1 at the counts of genes
-    no ambient profile can produce (not in ``support``)."""
+    """The share at the entries of canonical CSR ``x`` (its pattern; float32 values, int32 or int64 indices as
+    ``x``'s), block by block, and 1 at the counts of genes no ambient profile can produce (not in ``support``)."""
     eps, pi, s, cells, store, alpha, odds = fitted
-    data = np.ones(x.nnz)
+    data = np.ones(x.nnz, np.float32)  # the shares are float32 on the device: float64 would only double the result
     producible = None if support.all() else support[x.indices]
     values = data if producible is None else np.empty(int(np.count_nonzero(producible)))
     at = 0

@@ -57,7 +57,9 @@ with ``1 - q`` below ``OFF_PROBABILITY_FLOOR`` (2^-53) taken as zero, and every 
 ``START_NOISE_RATIO``. With one ambient profile per batch, ``B_i a_g`` becomes
 ``bg_ig = sum_{j in J(i)} eps_j N_j a_{b(j) g}`` and cell ``i``'s slab, share and noise ratio use
 ``a_{b(i)}``. The loop runs in float32 on the default JAX device (:mod:`.loop`), over the stored entries
-in blocks of ``CHUNK_ENTRIES`` (:mod:`.blocks`); :func:`neighbourhood_posterior` is its float64 oracle.
+spilled to a temporary directory and read back in blocks of ``BLOCK_ENTRIES`` (:mod:`.blocks`), so its memory
+is bounded by a block, not by the cells (the contract: :func:`memory_needed`, checked by :func:`calibrate`
+before it allocates); :func:`neighbourhood_posterior` is its float64 oracle.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..denoise import calibrated_split  # noqa: F401 (re-exported)
-from .blocks import CHUNK_ENTRIES  # noqa: F401 (re-exported)
+from .blocks import BLOCK_ENTRIES, CHUNK_ENTRIES, ENTRY_BYTES  # noqa: F401 (re-exported)
 from .knn import (  # noqa: F401 (re-exported)
     EXACT_KNN_MAX_CELLS,
     NEIGHBOUR_CANDIDATES,
@@ -81,6 +83,7 @@ from .knn import (  # noqa: F401 (re-exported)
     pool_counts,
 )
 from .loop import MIN_EXPECTED_POOLED_COUNT, OFF_PROBABILITY_FLOOR  # noqa: F401 (re-exported)
+from .memory import available_memory, check_disk, check_memory, memory_needed, memory_terms
 from .oracle import neighbourhood_posterior
 from .share import calibrated_native_share, estimating_genes  # noqa: F401 (re-exported)
 
@@ -88,6 +91,11 @@ __all__ = [
     "calibrate",
     "calibrated_native_share",
     "calibrated_split",
+    "available_memory",
+    "check_memory",
+    "check_disk",
+    "memory_needed",
+    "memory_terms",
     "count_checked_neighbours",
     "hellinger_affinity",
     "knn_indices",
@@ -116,6 +124,9 @@ def calibrate(
     share_at: Literal["all", "observed"] = "all",
     metric: Literal["cosine", "euclidean"] = "cosine",
     neighbour_candidates: int = NEIGHBOUR_CANDIDATES,
+    *,
+    block_entries: int = BLOCK_ENTRIES,
+    chunk_entries: int = CHUNK_ENTRIES,
 ) -> tuple[np.ndarray, np.ndarray | sp.csr_matrix]:
     """Calibrated noise ratio ``(n,)`` and native share of counts ``(n, G)`` with latent vectors ``(n, d)``.
 
@@ -130,8 +141,12 @@ def calibrate(
     :func:`calibrated_native_share`'s noise ratio and share (dense, or CSR at the stored counts with
     ``share_at="observed"``); :func:`scar_jax.denoise.calibrated_split` is the count-preserving split, ``x * share``
     its mean. Warns when the mean noise ratio is above ``IMPLAUSIBLE_NOISE_RATIO``.
+
+    ``block_entries``, ``chunk_entries``: :func:`calibrated_native_share` (its memory contract). Before any
+    large allocation :func:`check_memory` compares :func:`memory_needed` with what the process can use.
     """
     _check_metric(metric)
+    _preflight(counts, n_neighbours, neighbour_candidates, block_entries, chunk_entries, ambient, share_at)
     neighbours = count_checked_neighbours(latent, counts, n_neighbours, neighbour_candidates, metric=metric)
     eps, share = calibrated_native_share(
         counts,
@@ -143,6 +158,8 @@ def calibrate(
         expressed_prior_odds=expressed_prior_odds,
         share_at=share_at,
         batch_index=batch_index,
+        block_entries=block_entries,
+        chunk_entries=chunk_entries,
     )
     if float(np.mean(eps)) > IMPLAUSIBLE_NOISE_RATIO:
         warnings.warn(
@@ -154,3 +171,22 @@ def calibrate(
             stacklevel=2,
         )
     return eps, share
+
+
+def _preflight(counts, n_neighbours, neighbour_candidates, block_entries, chunk_entries, ambient, share_at) -> None:
+    """:func:`check_memory` of :func:`memory_needed` for these counts, from their sizes only."""
+    n_cells, n_genes = np.shape(counts) if not sp.issparse(counts) else counts.shape
+    nnz = counts.nnz if sp.issparse(counts) else n_cells * n_genes
+    sparse_observed = share_at == "observed" and sp.issparse(counts)
+    terms = memory_terms(
+        n_cells,
+        n_genes,
+        nnz,
+        n_neighbours,
+        neighbour_candidates=neighbour_candidates,
+        block_entries=block_entries,
+        chunk_entries=chunk_entries,
+        n_batches=np.shape(ambient)[0] if np.ndim(ambient) == 2 else 1,
+        share_at="observed" if sparse_observed else "all",
+    )
+    check_memory(sum(terms.values()), terms=terms)

@@ -9,6 +9,7 @@ import scipy.sparse as sp
 
 EXACT_KNN_MAX_CELLS = 50_000  # knn_indices: exact neighbours up to this many cells, approximate (pynndescent) above
 _KNN_DISTANCE_ENTRIES = 1 << 24  # exact neighbours: distances held per chunk of rows (128 MB of float64)
+_AFFINITY_ENTRIES = 1 << 22  # hellinger_affinity: cells x genes per chunk of rows (bounds its float64 copies)
 NEIGHBOUR_CANDIDATES = 2  # count_checked_neighbours: latent candidates per neighbour kept (1: the latent ones)
 
 
@@ -96,8 +97,8 @@ def count_checked_neighbours(
     every cell is a candidate and the neighbourhoods are chosen by counts alone.
 
     Cost: the latent search for ``candidates * k`` neighbours, then ``O(candidates * k * nnz)`` for the
-    affinities (one sparse product per candidate rank); memory: two copies of the counts' stored entries and
-    ``(n, candidates * k)`` float64 affinities.
+    affinities (one sparse product per candidate rank); memory: the ``(n, candidates * k)`` latent candidates
+    and float64 affinities, and float64 copies of a chunk of rows (:func:`hellinger_affinity`).
     """
     n = np.shape(latent)[0]
     k = min(int(k), n)
@@ -113,14 +114,31 @@ def count_checked_neighbours(
 
 
 def hellinger_affinity(counts: np.ndarray | sp.spmatrix, pairs: np.ndarray) -> np.ndarray:
-    """``h_ij = sum_g sqrt(x_ig x_jg / (N_i N_j))`` for ``j = pairs[i, r]``, ``(n, m)`` float64; 0 for empty cells."""
-    h = sp.csr_matrix(counts, dtype=np.float64)
-    library = np.asarray(h.sum(axis=1)).ravel()
-    h = sp.diags(1.0 / np.sqrt(np.where(library > 0, library, 1.0))) @ h.sqrt()
-    h = sp.csr_matrix(h)
+    """``h_ij = sum_g sqrt(x_ig x_jg / (N_i N_j))`` for ``j = pairs[i, r]``, ``(n, m)`` float64; 0 for empty cells.
+
+    Computed in chunks of rows of ``pairs``: the float64 square roots are made only for the rows a chunk
+    reads (at most ``_AFFINITY_ENTRIES`` cells x genes per chunk and candidate rank), not for all counts."""
+    x = counts if sp.issparse(counts) else sp.csr_matrix(np.asarray(counts))
+    x = sp.csr_matrix(x)
+    n, n_genes = x.shape
+    library = np.empty(n)
+    for start in range(0, n, max(1, _AFFINITY_ENTRIES // max(n_genes, 1))):
+        stop = min(n, start + max(1, _AFFINITY_ENTRIES // max(n_genes, 1)))
+        library[start:stop] = np.asarray(sp.csr_matrix(x[start:stop], dtype=np.float64).sum(axis=1)).ravel()
+    scale = 1.0 / np.sqrt(np.where(library > 0, library, 1.0))
+
+    def roots(rows: np.ndarray) -> sp.csr_matrix:  # sqrt(x_jg / N_j) at the rows
+        m = sp.csr_matrix(x[rows], dtype=np.float64)
+        m.data = np.sqrt(m.data) * np.repeat(scale[rows], np.diff(m.indptr))
+        return m
+
     out = np.empty(pairs.shape, dtype=np.float64)
-    for rank in range(pairs.shape[1]):
-        out[:, rank] = np.asarray(h.multiply(h[pairs[:, rank]]).sum(axis=1)).ravel()
+    step = max(1, _AFFINITY_ENTRIES // max(n_genes, 1))
+    for start in range(0, pairs.shape[0], step):
+        rows = slice(start, min(pairs.shape[0], start + step))
+        own = roots(np.arange(rows.start, rows.stop))
+        for rank in range(pairs.shape[1]):
+            out[rows, rank] = np.asarray(own.multiply(roots(pairs[rows, rank])).sum(axis=1)).ravel()
     return out
 
 
@@ -130,11 +148,18 @@ def pool_counts(x: np.ndarray | sp.spmatrix, neighbours: np.ndarray) -> np.ndarr
     return np.asarray(pooled.toarray() if sp.issparse(pooled) else pooled, dtype=np.float64)
 
 
-def _pool(x: np.ndarray | sp.spmatrix, neighbours: np.ndarray) -> np.ndarray | sp.csr_matrix:
-    """Pooled counts as :func:`pool_counts`, CSR float64 when ``x`` is sparse (no dense ``(m, G)`` array)."""
+def _pool(
+    x: np.ndarray | sp.spmatrix, neighbours: np.ndarray, columns: np.ndarray | None = None
+) -> np.ndarray | sp.csr_matrix:
+    """Pooled counts as :func:`pool_counts`, CSR float64 when ``x`` is sparse (no dense ``(m, G)`` array); only
+    the neighbours' rows are copied (to float64), and only the genes ``columns`` kept (``None``: all)."""
     m, k = neighbours.shape
-    n = x.shape[0]
-    indicator = sp.csr_matrix((np.ones(m * k), (np.repeat(np.arange(m), k), neighbours.ravel())), shape=(m, n))
+    rows, inverse = np.unique(np.asarray(neighbours).ravel(), return_inverse=True)
+    shape = (m, rows.size)
+    indicator = sp.csr_matrix((np.ones(m * k), (np.repeat(np.arange(m), k), inverse.ravel())), shape=shape)
     if sp.issparse(x):
-        return sp.csr_matrix(indicator @ sp.csr_matrix(x, dtype=np.float64))
-    return np.asarray(indicator @ np.asarray(x, dtype=np.float64), dtype=np.float64)
+        sub = sp.csr_matrix(sp.csr_matrix(x)[rows], dtype=np.float64)
+        sub = sub if columns is None else sp.csr_matrix(sub[:, columns])
+        return sp.csr_matrix(indicator @ sub)
+    sub = np.asarray(np.asarray(x)[rows], dtype=np.float64)
+    return np.asarray(indicator @ (sub if columns is None else sub[:, columns]), dtype=np.float64)

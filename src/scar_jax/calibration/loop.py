@@ -1,8 +1,10 @@
-"""The calibration loop on the device: float32 JAX, one jit-compiled ``while_loop`` of rounds.
+"""The calibration loop: float32 JAX on the default device, rounds driven from the host over blocks of entries.
 
-Each round sums the posterior over all genes as if every pooled count were zero (chunks of rows, nothing
-``(n, G)`` held) and corrects the sums at the stored entries, block by block (a ``jax.lax.scan``); the share
-is evaluated once at the fitted parameters. Formulas: :mod:`scar_jax.calibration`.
+Each round sums the posterior over all genes as if every pooled count were zero (one compiled call, chunks of
+rows, nothing ``(n, G)`` held) and corrects the sums at the stored entries, read back block by block from the
+spill (:class:`.blocks.EntryStore`; one compiled call per block, every block padded to the same size so one
+compilation serves them all); the share is evaluated once at the fitted parameters, block by block. Only the
+per-cell vectors stay whole. Formulas: :mod:`scar_jax.calibration`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _DTYPE = jnp.float32  # of the calibration loop on the device
 # A gene whose probability of being off is below this is on beyond doubt: its counts carry no information on the
@@ -27,27 +30,17 @@ OFF_PROBABILITY_FLOOR = 2.0**-53
 # drains away and the noise ratio climbs to a spurious fixed point (real PBMC with all genes: 0.68 against 0.059
 # with these genes; docs/model.md, "Which genes estimate the noise ratio"). Every gene still gets its share.
 MIN_EXPECTED_POOLED_COUNT = 10.0
+SCAN_ENTRIES = 1 << 18  # stored entries per step of the scan within a block (blocks are rounded up to a multiple)
 
 
-class _Problem(NamedTuple):
-    """The device arrays of one calibration: cells, their neighbourhoods, and the stored entries.
-
-    The entries are the union of the stored entries of the counts ``x`` and of their pooled counts, as
-    ``(row, col)`` in row-major order with the pooled count ``pooled`` and the cell's own count ``counts``, in
-    blocks of a fixed number of entries ``(n_blocks, block)`` (the last padded with ``(n - 1, 0)`` and
-    ``pooled = counts = lgamma_ratio = 0``, which adds exactly zero to every sum). The rounds and the share go
-    over the blocks one at a time, so their temporaries are bounded by a block, not by the entries."""
+class _Cells(NamedTuple):
+    """The per-cell device arrays of one calibration: cells, their neighbourhoods and the ambient profiles."""
 
     library: jax.Array  # (n,) N_i
     neighbours: jax.Array  # (n, k)
     batch: jax.Array  # (n,) row of ``profiles`` of each cell
     profiles: jax.Array  # (n_batches, G), rows sum to one
     estimates: jax.Array  # (G,) 1 for the genes that estimate eps and pi (MIN_EXPECTED_POOLED_COUNT), else 0
-    row: jax.Array  # (n_blocks, block)
-    col: jax.Array  # (n_blocks, block)
-    pooled: jax.Array  # (n_blocks, block) X_ig
-    lgamma_ratio: jax.Array  # (n_blocks, block) lgamma(X_ig + alpha) - lgamma(alpha)
-    counts: jax.Array  # (n_blocks, block) x_ig
 
 
 def _log_odds(X, lgamma_ratio, mu, background, logit_pi, alpha):
@@ -89,14 +82,14 @@ def _native_share(X, mu, background, native_library, eps, cell_a, log_odds, alph
     return jnp.clip(share, 0.0, 1.0)  # float32 division on XLA can round a ratio of equals to 1 + 2^-23
 
 
-def _libraries(eps, problem: _Problem) -> tuple[jax.Array, jax.Array]:
+def _libraries(eps, cells: _Cells) -> tuple[jax.Array, jax.Array]:
     """``T`` ``(n,)`` and each neighbourhood's ambient library by the batch it comes from ``(n, n_batches)``."""
-    ambient = eps * problem.library
-    native = ((problem.library - ambient)[problem.neighbours]).sum(1)
-    n_batches = problem.profiles.shape[0]
+    ambient = eps * cells.library
+    native = ((cells.library - ambient)[cells.neighbours]).sum(1)
+    n_batches = cells.profiles.shape[0]
     if n_batches == 1:
-        return native, ambient[problem.neighbours].sum(1)[:, None]
-    by_batch = [jnp.where(problem.batch == b, ambient, 0.0)[problem.neighbours].sum(1) for b in range(n_batches)]
+        return native, ambient[cells.neighbours].sum(1)[:, None]
+    by_batch = [jnp.where(cells.batch == b, ambient, 0.0)[cells.neighbours].sum(1) for b in range(n_batches)]
     return native, jnp.stack(by_batch, 1)
 
 
@@ -123,101 +116,149 @@ def _by_row_chunks(fn, arrays: tuple, n: int, chunk: int):
     return jax.tree_util.tree_map(lambda o: o.reshape((n_chunks * chunk,) + o.shape[2:])[:n], out)
 
 
-def _round(eps, pi, s, problem: _Problem, alpha, chunk: int):
-    """One update of ``(eps, pi, s)`` (module docstring): the posterior at every zero pooled count is a
-    function of the row's parameters and the gene's ambient frequencies (row chunks, nothing ``(n, G)`` held);
-    the stored entries correct it."""
-    n = problem.library.shape[0]
-    native_library, by_batch = _libraries(eps, problem)
-    logit_pi = jnp.log(pi) - jnp.log1p(-pi)
-    scale = native_library * s
+class _Parameters(NamedTuple):
+    """What a round's sums and the share need of ``(eps, pi, s)``, per cell (:func:`_parameters`)."""
+
+    native_library: jax.Array  # (n,) T_i
+    by_batch: jax.Array  # (n, n_batches) the neighbourhood's ambient library by batch
+    scale: jax.Array  # (n,) T_i s_i
+    logit_pi: jax.Array  # (n,)
+
+
+@jax.jit
+def _parameters(eps, pi, s, cells: _Cells) -> _Parameters:
+    native_library, by_batch = _libraries(eps, cells)
+    return _Parameters(native_library, by_batch, native_library * s, jnp.log(pi) - jnp.log1p(-pi))
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _zero_count_sums(p: _Parameters, cells: _Cells, alpha, chunk: int):
+    """The round's sums ``(n,)`` over all genes as if every pooled count were 0: they are a function of the row's
+    parameters and the gene's ambient frequencies (row chunks, nothing ``(n, G)`` held); the fourth (the off
+    genes' counts) is then 0."""
 
     def zero_counts(scale, logit_pi, by_batch, batch):  # (c,) sums over all genes as if every X were 0
-        cell_a = problem.profiles[batch]
-        background = _background(by_batch, problem.profiles)
+        cell_a = cells.profiles[batch]
+        background = _background(by_batch, cells.profiles)
         log_odds = _log_odds(0.0, 0.0, scale[:, None] * cell_a + background, background, logit_pi[:, None], alpha)
         q, off = _on_off(log_odds)
-        estimates = problem.estimates[None, :]
+        estimates = cells.estimates[None, :]
         return (q * estimates).sum(1), (q * cell_a).sum(1), (off * cell_a * estimates).sum(1)
 
-    q_sum, q_ambient, off_ambient = _by_row_chunks(zero_counts, (scale, logit_pi, by_batch, problem.batch), n, chunk)
+    n = cells.library.shape[0]
+    sums = _by_row_chunks(zero_counts, (p.scale, p.logit_pi, p.by_batch, cells.batch), n, chunk)
+    return (*sums, jnp.zeros(n, p.scale.dtype))
 
-    def stored(sums, block):  # the corrections at one block of stored entries, added row by row
-        row, col, pooled, lgamma_ratio, counts = block
-        mu, background, cell_a = _entry_terms(scale, by_batch, problem, row, col)
-        q, off = _on_off(_log_odds(pooled, lgamma_ratio, mu, background, logit_pi[row], alpha))
-        q0, off0 = _on_off(_log_odds(0.0, 0.0, mu, background, logit_pi[row], alpha))
-        estimates = problem.estimates[col]
-        off_counts = jnp.where(cell_a > 0, off * counts, 0.0) * estimates
+
+@jax.jit
+def _stored_sums(sums, p: _Parameters, cells: _Cells, block: dict, alpha):
+    """``sums`` corrected at one block of stored entries (:data:`.blocks.FIELDS` ``(m, sub)``), added row by row,
+    a ``lax.scan`` over its ``m`` sub-blocks (XLA on CPU runs the scan's body 2-3 times faster than the same
+    operations on the whole block)."""
+
+    def sub_block(sums, block):
+        row, col = block["row"], block["col"]
+        mu, background, cell_a = _entry_terms(p.scale, p.by_batch, cells, row, col)
+        q, off = _on_off(_log_odds(block["pooled"], block["lgamma_ratio"], mu, background, p.logit_pi[row], alpha))
+        q0, off0 = _on_off(_log_odds(0.0, 0.0, mu, background, p.logit_pi[row], alpha))
+        estimates = cells.estimates[col]
+        off_counts = jnp.where(cell_a > 0, off * block["counts"], 0.0) * estimates
         terms = ((q - q0) * estimates, (q - q0) * cell_a, (off - off0) * cell_a * estimates, off_counts)
         added = (total.at[row].add(term, indices_are_sorted=True) for total, term in zip(sums, terms, strict=True))
         return tuple(added), None
 
-    blocks = (problem.row, problem.col, problem.pooled, problem.lgamma_ratio, problem.counts)
-    sums, _ = jax.lax.scan(stored, (q_sum, q_ambient, off_ambient, jnp.zeros(n, eps.dtype)), blocks)
+    return jax.lax.scan(sub_block, sums, block)[0]
+
+
+@jax.jit
+def _update(eps, sums, cells: _Cells):
+    """The new ``(eps, pi, s)`` from a round's sums, and the largest relative change of ``eps``."""
     q_sum, q_ambient, off_ambient, off_counts = sums
     tiny = jnp.finfo(eps.dtype).tiny
-    new_eps = jnp.clip(off_counts / jnp.maximum(problem.library * off_ambient, tiny), 1e-6, 1 - 1e-6)
-    new_pi = jnp.clip(q_sum / problem.estimates.sum(), 1e-6, 1 - 1e-6)
-    return new_eps, new_pi, 1.0 / jnp.maximum(q_ambient, 1e-12)
+    new_eps = jnp.clip(off_counts / jnp.maximum(cells.library * off_ambient, tiny), 1e-6, 1 - 1e-6)
+    new_pi = jnp.clip(q_sum / cells.estimates.sum(), 1e-6, 1 - 1e-6)
+    return new_eps, new_pi, 1.0 / jnp.maximum(q_ambient, 1e-12), jnp.max(jnp.abs(new_eps - eps) / eps)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _fit(eps, pi, s, problem: _Problem, alpha, tol, n_iter, chunk: int):
-    """Rounds of :func:`_round` until no noise ratio changes by more than a relative ``tol`` (at most ``n_iter``)."""
+def _device_block(entries: dict[str, np.ndarray], sub: int) -> dict[str, jax.Array]:
+    """A block of entries on the device as ``(block / sub, sub)`` (the ``own`` flag stays on the host)."""
+    return {name: jnp.asarray(a.reshape(-1, sub)) for name, a in entries.items() if name != "own"}
 
-    def keep_going(carry):
-        done, _, _, _, change = carry
-        return (done < n_iter) & (change >= tol)
 
-    def step(carry):
-        done, eps, pi, s, _ = carry
-        new_eps, pi, s = _round(eps, pi, s, problem, alpha, chunk)
-        return done + 1, new_eps, pi, s, jnp.max(jnp.abs(new_eps - eps) / eps)
+def _sub_block(block: int) -> tuple[int, int]:
+    """``block`` rounded up to a multiple of the scan's sub-block ``min(SCAN_ENTRIES, block)``, and that."""
+    sub = min(SCAN_ENTRIES, block)
+    return -(-block // sub) * sub, sub
 
-    done, eps, pi, s, _ = jax.lax.while_loop(
-        keep_going, step, (jnp.int32(0), eps, pi, s, jnp.asarray(jnp.inf, eps.dtype))
-    )
+
+def _round(eps, pi, s, cells: _Cells, store, alpha, chunk: int, block: int):
+    """One update of ``(eps, pi, s)`` (module docstring): the zero-count sums, corrected block by block (at most
+    two blocks in flight, so the host holds a bounded number), then the updates and the change of ``eps``."""
+    p = _parameters(eps, pi, s, cells)
+    sums, previous = _zero_count_sums(p, cells, alpha, chunk), None
+    block, sub = _sub_block(block)
+    for entries, _ in store.blocks(block):
+        sums = _stored_sums(sums, p, cells, _device_block(entries, sub), alpha)
+        if previous is not None:
+            jax.block_until_ready(previous)
+        previous = sums
+    return _update(eps, sums, cells)
+
+
+def _fit(eps, pi, s, cells: _Cells, store, alpha, tol, n_iter: int, chunk: int, block: int):
+    """Rounds of :func:`_round` until no noise ratio changes by more than a relative ``tol`` (at most ``n_iter``);
+    ``(eps, pi, s)`` and the number of rounds."""
+    alpha, tol = jnp.asarray(alpha, eps.dtype), np.asarray(tol, np.float32)  # compared in float32, as before
+    done, change = 0, np.float32(np.inf)
+    while done < n_iter and change >= tol:
+        eps, pi, s, change = _round(eps, pi, s, cells, store, alpha, chunk, block)
+        change, done = np.asarray(change), done + 1
     return eps, pi, s, done
 
 
-def _entry_terms(scale, by_batch, problem: _Problem, row, col):
+def _entry_terms(scale, by_batch, cells: _Cells, row, col):
     """``mu = T s a + bg``, the background ``bg`` and the cell's ambient frequency ``a`` at entries ``(row, col)``,
     from ``scale = T s`` ``(n,)`` and the ambient libraries by batch ``(n, n_batches)``."""
-    cell_a = problem.profiles[problem.batch[row], col]
-    background = _background(by_batch[row], problem.profiles, col)
+    cell_a = cells.profiles[cells.batch[row], col]
+    background = _background(by_batch[row], cells.profiles, col)
     return scale[row] * cell_a + background, background, cell_a
 
 
 @jax.jit
-def _share_at(eps, pi, s, problem: _Problem, at, alpha, odds):
-    """The native share at the stored entries ``at`` ``(m_blocks, block)`` (positions in the flattened
-    ``problem.row``), one block at a time."""
-    native_library, by_batch = _libraries(eps, problem)
-    scale = native_library * s
-    logit_pi = jnp.log(pi) - jnp.log1p(-pi)
+def _share_block(eps, p: _Parameters, cells: _Cells, block: dict, alpha, odds):
+    """The native share at one block of stored entries ``(m, sub)`` float32, sub-block by sub-block."""
 
-    def block(at):
-        row, col, pooled = problem.row.ravel()[at], problem.col.ravel()[at], problem.pooled.ravel()[at]
-        mu, background, cell_a = _entry_terms(scale, by_batch, problem, row, col)
-        log_odds = _log_odds(pooled, problem.lgamma_ratio.ravel()[at], mu, background, logit_pi[row], alpha)
-        return _native_share(pooled, mu, background, native_library[row], eps[row], cell_a, log_odds, alpha, odds)
+    def sub_block(block):
+        row, col, pooled = block["row"], block["col"], block["pooled"]
+        mu, background, cell_a = _entry_terms(p.scale, p.by_batch, cells, row, col)
+        log_odds = _log_odds(pooled, block["lgamma_ratio"], mu, background, p.logit_pi[row], alpha)
+        return _native_share(pooled, mu, background, p.native_library[row], eps[row], cell_a, log_odds, alpha, odds)
 
-    return jax.lax.map(block, at)
+    return jax.lax.map(sub_block, block)
+
+
+def _shares(eps, pi, s, cells: _Cells, store, alpha, odds, block: int):
+    """The native share at the stored entries, block by block: yields each block's entries (host) and shares
+    ``(block,)`` (host float32), of which the first ``size`` are real."""
+    p = _parameters(eps, pi, s, cells)
+    alpha, odds = jnp.asarray(alpha, eps.dtype), jnp.asarray(odds, eps.dtype)
+    block, sub = _sub_block(block)
+    for entries, size in store.blocks(block):
+        yield entries, np.asarray(_share_block(eps, p, cells, _device_block(entries, sub), alpha, odds)).ravel(), size
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
-def _share_dense(eps, pi, s, problem: _Problem, alpha, odds, chunk: int):
+def _share_dense(eps, pi, s, cells: _Cells, alpha, odds, chunk: int):
     """The native share ``(n, G)`` with every pooled count at zero (the stored entries are then overwritten)."""
-    native_library, by_batch = _libraries(eps, problem)
+    native_library, by_batch = _libraries(eps, cells)
     logit_pi = jnp.log(pi) - jnp.log1p(-pi)
 
     def rows(native_library, s, logit_pi, eps, by_batch, batch):
-        cell_a = problem.profiles[batch]
-        background = _background(by_batch, problem.profiles)
+        cell_a = cells.profiles[batch]
+        background = _background(by_batch, cells.profiles)
         mu = (native_library * s)[:, None] * cell_a + background
         log_odds = _log_odds(0.0, 0.0, mu, background, logit_pi[:, None], alpha)
         return _native_share(0.0, mu, background, native_library[:, None], eps[:, None], cell_a, log_odds, alpha, odds)
 
-    arrays = (native_library, s, logit_pi, eps, by_batch, problem.batch)
-    return _by_row_chunks(rows, arrays, problem.library.shape[0], chunk)
+    arrays = (native_library, s, logit_pi, eps, by_batch, cells.batch)
+    return _by_row_chunks(rows, arrays, cells.library.shape[0], chunk)

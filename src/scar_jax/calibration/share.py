@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from .blocks import CHUNK_ENTRIES, _blocks_of, _stored_entries
-from .loop import _DTYPE, MIN_EXPECTED_POOLED_COUNT, _fit, _Problem, _share_at, _share_dense
+from .blocks import BLOCK_ENTRIES, CHUNK_ENTRIES, ENTRY_BYTES, EntryStore, stored_entries_bound
+from .loop import _DTYPE, MIN_EXPECTED_POOLED_COUNT, _Cells, _fit, _share_dense, _shares
+from .memory import check_disk
 
 _TINY = 1e-300
 
@@ -28,6 +28,7 @@ def calibrated_native_share(
     *,
     share_at: Literal["all", "observed"] = "all",
     chunk_entries: int = CHUNK_ENTRIES,
+    block_entries: int = BLOCK_ENTRIES,
     batch_index: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | sp.csr_matrix]:
     """Calibrated noise ratio ``(n,)`` and native share ``w`` ``(n, G)`` of every cell (:mod:`scar_jax.calibration`).
@@ -45,36 +46,64 @@ def calibrated_native_share(
     ``c < 1`` the reverse; ``w`` is non-decreasing in ``c``. It enters only the final share, not the fit.
 
     ``share_at="all"``: ``w`` dense ``(n, G)`` float64; ``"observed"``, for sparse ``x``: ``w`` only where ``x``
-    stores an entry, CSR with the pattern of ``x`` (duplicates summed, indices sorted). ``chunk_entries``:
-    cells x genes per chunk of rows and stored entries per block (float32 temporaries), so the memory beyond
-    ``x``, its stored pooled entries (20 bytes each on the device) and the result does not grow with the
-    number of cells (nor does the result, up to float32 rounding of the sums). Returns the
-    noise ratio ``(n,)`` float64 and ``w`` at the fitted parameters.
+    stores an entry, CSR float32 with the pattern of ``x`` (duplicates summed, indices sorted). Memory (the contract;
+    :func:`scar_jax.calibration.memory_needed` in bytes): the stored pooled entries are spilled once to a
+    temporary directory (``ENTRY_BYTES`` = 21 an entry) and read back each round in blocks of ``block_entries``.
+    Beyond ``x`` (not copied when canonical CSR) and the result, it holds the per-cell vectors (``n x (k + c)``
+    words), at most three blocks (``3 x 21`` bytes an entry on the host, about 64 of device temporaries),
+    float32 chunks of rows of ``chunk_entries`` cells x genes, and one building chunk of rows (bounded by
+    constants). The result does not depend on the two sizes (up to float32 rounding).
+    Returns the noise ratio ``(n,)`` float64 and ``w`` at the fitted parameters.
     """
-    odds = _check_knobs(expressed_prior_odds, share_at)
-    sparse_input = sp.issparse(x)
-    x = sp.csr_matrix(x, dtype=np.float64, copy=True)
-    x.sum_duplicates()  # canonical (sorted indices): the pattern of the "observed" share
+    odds, sparse_input = _check_knobs(expressed_prior_odds, share_at), sp.issparse(x)
+    x, neighbours = _canonical(x), np.asarray(neighbours)
     n, n_genes = x.shape
     profiles, batch_index = _profiles_and_batches(ambient, batch_index, n, n_genes)
-    full, support = x, profiles.max(0) > 0  # genes no profile can produce are native wherever counted
-    if not support.all():
-        x, profiles = x[:, np.flatnonzero(support)], profiles[:, support]
-    library = _producible_library(x, profiles, batch_index)
-    problem, at_x, n_entries = _problem(x, neighbours, profiles, batch_index, library, alpha, chunk_entries)
-    block = problem.row.shape[1]
-    chunk = max(1, min(n, int(chunk_entries) // max(n_genes, 1)))
-    start = jnp.asarray(np.clip(np.asarray(noise_ratio, np.float64).ravel(), 1e-6, 1 - 1e-6), dtype=_DTYPE)
-    eps, pi, s, _ = _fit(start, jnp.full(n, pi0, _DTYPE), jnp.ones(n, _DTYPE), problem, alpha, tol, int(n_iter), chunk)
-    fitted = (eps, pi, s, problem, alpha, odds)
-    if share_at == "observed" and sparse_input:
-        w = np.asarray(_share_at(*fitted[:4], _blocks_of(at_x, block), alpha, odds), np.float64)
-        w = _with_unproducible(full, support, w.ravel()[: at_x.size])
-    else:
-        w = _dense_share(fitted, n_entries, block, chunk, full.shape, support)
-    full_library = np.asarray(full.sum(1), np.float64).ravel()
+    support = profiles.max(0) > 0  # genes no profile can produce are native wherever counted
+    library, full_library = _producible_library(x, profiles, batch_index)
+    with _spill(x, neighbours, support, alpha) as store:
+        cells = _cells(library, neighbours, profiles[:, support], batch_index)
+        block = max(1, min(_positive(block_entries, "block_entries"), store.n_entries))
+        chunk = max(1, min(n, _positive(chunk_entries, "chunk_entries") // max(n_genes, 1)))
+        eps, pi, s, _ = _fit(*_start(noise_ratio, n, pi0), cells, store, alpha, tol, int(n_iter), chunk, block)
+        fitted = (eps, pi, s, cells, store, alpha, odds)
+        if share_at == "observed" and sparse_input:
+            w = _observed_share(fitted, block, x, support)
+        else:
+            w = _dense_share(fitted, block, chunk, x.shape, support)
     eps = np.asarray(eps, np.float64) * np.where(full_library > 0, library / np.maximum(full_library, _TINY), 1.0)
     return eps, w
+
+
+def _spill(x: sp.csr_matrix, neighbours: np.ndarray, support: np.ndarray, alpha: float) -> EntryStore:
+    """The stored entries of ``x`` at the ``support`` genes (:class:`EntryStore`), once the disk is checked."""
+    check_disk(stored_entries_bound(x, neighbours, int(support.sum())) * ENTRY_BYTES)
+    return EntryStore(x, neighbours, None if support.all() else np.flatnonzero(support), alpha)
+
+
+def _start(noise_ratio: np.ndarray, n: int, pi0: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """The starting ``(eps, pi, s)`` ``(n,)`` each, float32."""
+    eps = jnp.asarray(np.clip(np.asarray(noise_ratio, np.float64).ravel(), 1e-6, 1 - 1e-6), dtype=_DTYPE)
+    return eps, jnp.full(n, pi0, _DTYPE), jnp.ones(n, _DTYPE)
+
+
+def _positive(value: int, name: str) -> int:
+    """``value`` as a positive int, or a ValueError naming ``name``."""
+    if int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _canonical(x: np.ndarray | sp.spmatrix) -> sp.csr_matrix:
+    """``x`` as canonical CSR (sorted indices, no duplicates; the pattern of the "observed" share), in its own
+    dtype: not copied when it already is one, otherwise one copy."""
+    if not sp.issparse(x):
+        return sp.csr_matrix(np.asarray(x))
+    if x.format == "csr" and x.has_canonical_format:
+        return sp.csr_matrix(x)  # a view of the same arrays
+    x = sp.csr_matrix(x, copy=True)
+    x.sum_duplicates()
+    return x
 
 
 def _check_knobs(expressed_prior_odds: float, share_at: str) -> float:
@@ -105,20 +134,15 @@ def _profiles_and_batches(ambient, batch_index, n: int, n_genes: int) -> tuple[n
     return profiles, batch_index
 
 
-def _problem(x, neighbours, profiles, batch_index, library, alpha, chunk_entries) -> tuple[_Problem, np.ndarray, int]:
-    """The device arrays of the calibration (:class:`_Problem`), the positions of the entries of ``x`` among its
-    stored entries and their number (:func:`_stored_entries`)."""
-    entries, at_x, n_entries = _stored_entries(x, neighbours, alpha, max(1, int(chunk_entries)))
-    f32 = functools.partial(jnp.asarray, dtype=_DTYPE)
-    problem = _Problem(
-        library=f32(library),
+def _cells(library, neighbours, profiles, batch_index) -> _Cells:
+    """The per-cell device arrays of the calibration (:class:`_Cells`)."""
+    return _Cells(
+        library=jnp.asarray(library, _DTYPE),
         neighbours=jnp.asarray(neighbours, jnp.int32),
         batch=jnp.asarray(batch_index, jnp.int32),
-        profiles=f32(profiles),
-        estimates=f32(estimating_genes(profiles, library, neighbours)),
-        **{name: jnp.asarray(entries.pop(name)) for name in ("row", "col", "pooled", "lgamma_ratio", "counts")},
+        profiles=jnp.asarray(profiles, _DTYPE),
+        estimates=jnp.asarray(estimating_genes(profiles, library, neighbours), _DTYPE),
     )
-    return problem, at_x, n_entries
 
 
 def estimating_genes(profiles: np.ndarray, library: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
@@ -130,14 +154,13 @@ def estimating_genes(profiles: np.ndarray, library: np.ndarray, neighbours: np.n
     return passes if passes.any() else np.ones_like(passes)
 
 
-def _dense_share(fitted: tuple, n_entries: int, block: int, chunk: int, shape, support: np.ndarray) -> np.ndarray:
+def _dense_share(fitted: tuple, block: int, chunk: int, shape, support: np.ndarray) -> np.ndarray:
     """The share ``(n, G)`` float64 at the fitted parameters: the zero-count share everywhere, the stored entries
-    overwritten, and 1 on the genes no ambient profile can produce (not in ``support``)."""
-    eps, pi, s, problem, alpha, odds = fitted
-    w = np.array(_share_dense(eps, pi, s, problem, alpha, odds, chunk), np.float64)  # writable
-    at = _blocks_of(np.arange(n_entries), block)
-    stored = np.asarray(_share_at(eps, pi, s, problem, at, alpha, odds), np.float64).ravel()[:n_entries]
-    w[np.asarray(problem.row).ravel()[:n_entries], np.asarray(problem.col).ravel()[:n_entries]] = stored
+    overwritten block by block, and 1 on the genes no ambient profile can produce (not in ``support``)."""
+    eps, pi, s, cells, store, alpha, odds = fitted
+    w = np.array(_share_dense(eps, pi, s, cells, alpha, odds, chunk), np.float64)  # writable
+    for entries, shares, size in _shares(eps, pi, s, cells, store, alpha, odds, block):
+        w[entries["row"][:size], entries["col"][:size]] = shares[:size]
     if support.all():
         return w
     w_full = np.ones(shape)
@@ -145,18 +168,38 @@ def _dense_share(fitted: tuple, n_entries: int, block: int, chunk: int, shape, s
     return w_full
 
 
-def _producible_library(x: sp.csr_matrix, profiles: np.ndarray, batch_index: np.ndarray) -> np.ndarray:
-    """``N'_i = sum_g x_ig [a_{b(i) g} > 0]`` ``(n,)``: the counts of each cell that its own ambient can produce."""
-    library = np.asarray(x.sum(1), np.float64).ravel()
-    for b in np.flatnonzero((profiles <= 0).any(1)):  # a batch whose profile has zeros (one per batch at most)
-        rows = np.flatnonzero(batch_index == b)
-        library[rows] = np.asarray(x[rows][:, profiles[b] > 0].sum(1), np.float64).ravel()
-    return library
+def _observed_share(fitted: tuple, block: int, x: sp.csr_matrix, support: np.ndarray) -> sp.csr_matrix:
+    """The share at the entries of canonical CSR ``x`` (its pattern; float32 values, int32 or int64 indices as
+    ``x``'s), block by block, and 1 at the counts of genes no ambient profile can produce (not in ``support``)."""
+    eps, pi, s, cells, store, alpha, odds = fitted
+    data = np.ones(x.nnz, np.float32)  # the shares are float32 on the device: float64 would only double the result
+    producible = None if support.all() else support[x.indices]
+    values = data if producible is None else np.empty(int(np.count_nonzero(producible)))
+    at = 0
+    for entries, shares, size in _shares(eps, pi, s, cells, store, alpha, odds, block):
+        got = shares[:size][entries["own"][:size].astype(bool)]
+        values[at : at + got.size] = got
+        at += got.size
+    if producible is not None:
+        data[producible] = values
+    return sp.csr_matrix((data, x.indices.copy(), x.indptr.copy()), shape=x.shape)
 
 
-def _with_unproducible(full: sp.csr_matrix, support: np.ndarray, share: np.ndarray) -> sp.csr_matrix:
-    """The share at the entries of ``full`` (canonical CSR): ``share`` ``(m,)`` at the entries of the ``support``
-    columns, in order, and 1 at the others (counts of genes no ambient profile can produce)."""
-    data = np.ones(full.nnz)
-    data[support[full.indices]] = share
-    return sp.csr_matrix((data, full.indices.copy(), full.indptr.copy()), shape=full.shape)
+def _producible_library(
+    x: sp.csr_matrix, profiles: np.ndarray, batch_index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``N'_i = sum_g x_ig [a_{b(i) g} > 0]`` ``(n,)``, the counts of each cell that its own ambient can produce,
+    and ``N_i`` ``(n,)``, float64, in chunks of rows (no float64 copy of ``x``)."""
+    n, n_genes = x.shape
+    library, full = np.empty(n), np.empty(n)
+    partial = np.flatnonzero((profiles <= 0).any(1))  # batches whose profile has zeros
+    step = max(1, CHUNK_ENTRIES // max(n_genes, 1))
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        sub = sp.csr_matrix(x[rows], dtype=np.float64)
+        full[rows] = library[rows] = np.asarray(sub.sum(1)).ravel()
+        for b in partial:
+            in_b = np.flatnonzero(batch_index[rows] == b)
+            if in_b.size:
+                library[start + in_b] = np.asarray(sub[in_b][:, profiles[b] > 0].sum(1)).ravel()
+    return library, full

@@ -1,0 +1,175 @@
+"""The calibration's memory contract in bytes, and the pre-flight check against what the process can use.
+
+:func:`memory_needed` is an upper bound of what :func:`scar_jax.calibration.calibrate` holds beyond the counts,
+from sizes only (nothing is allocated); :func:`check_memory` compares it with :func:`available_memory` and
+raises a ``ValueError`` naming the largest part and the fix before anything large is allocated.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import tempfile
+
+from .blocks import _GATHER_ENTRIES, _HOST_ENTRIES, BLOCK_ENTRIES, CHUNK_ENTRIES, ENTRY_BYTES
+from .knn import _AFFINITY_ENTRIES, _KNN_DISTANCE_ENTRIES, NEIGHBOUR_CANDIDATES
+
+_DEVICE_ENTRY_BYTES = 64  # device bytes per entry of a block: its fields and the float32 temporaries of a round
+_CELL_BYTES = 256  # per-cell vectors besides the neighbourhoods (float64 host and float32 device, a few dozen)
+_CANDIDATE_BYTES = 40  # per latent candidate of a cell: index, affinity, order, and the approximate search's heaps
+_HOST_ENTRY_BYTES = 96  # per cell x gene of the building chunk: its CSR copies, the union, the fields in float64
+_RUNTIME_BYTES = 1 << 30  # compiled code and caches: the loop's XLA programs, the neighbour search's numba code
+_SPARSE_BYTES = 12  # per stored count of a CSR copy: float64 value and int32 index
+
+# the parts of the contract, with what lowers each (the error names the largest)
+_FIXES = {
+    "neighbour candidates": "fewer neighbours (n_neighbours) or neighbour_candidates=1",
+    "neighbourhoods": "fewer neighbours (n_neighbours)",
+    "per-cell vectors": "fewer cells per call (calibrate a subset), or method='split'",
+    "result": "method='split' (no calibration), or fewer cells per call",
+    "runtime": "method='split' (no calibration)",
+    "blocks of stored entries": "a smaller block_entries",
+    "building chunk": "fewer neighbours (n_neighbours), or method='split'",
+    "chunks of rows": "a smaller chunk_entries",
+    "dense share": "share_at='observed' with sparse counts",
+}
+
+
+def memory_terms(
+    n_cells: int,
+    n_genes: int,
+    nnz: int,
+    n_neighbours: int = 50,
+    *,
+    neighbour_candidates: int = NEIGHBOUR_CANDIDATES,
+    block_entries: int = BLOCK_ENTRIES,
+    chunk_entries: int = CHUNK_ENTRIES,
+    n_batches: int = 1,
+    share_at: str = "observed",
+) -> dict[str, int]:
+    """The parts of :func:`memory_needed` in bytes, by name (sizes only; nothing is allocated)."""
+    n, g = int(n_cells), int(n_genes)
+    k = min(int(n_neighbours), n)
+    candidates = min(n, int(neighbour_candidates) * k)
+    terms = {
+        "neighbour candidates": n * candidates * _CANDIDATE_BYTES + max(_KNN_DISTANCE_ENTRIES, _AFFINITY_ENTRIES) * 16,
+        "neighbourhoods": n * k * (8 + 4),  # host int64 and device int32
+        "per-cell vectors": n * (_CELL_BYTES + 16 * int(n_batches)),
+        "result": int(nnz) * 8 + (n + 1) * 8,  # float32 share and int32 index copies, int64 indptr
+        "runtime": _RUNTIME_BYTES,
+        "blocks of stored entries": int(block_entries) * (3 * ENTRY_BYTES + _DEVICE_ENTRY_BYTES),
+        "building chunk": _HOST_ENTRIES * _HOST_ENTRY_BYTES + max(_GATHER_ENTRIES, k * g) * 2 * _SPARSE_BYTES,
+        "chunks of rows": int(chunk_entries) * 4 * 8 + g * int(n_batches) * 8,
+        "dense share": n * g * (8 + 4 + 8) if share_at == "all" else 0,  # float64 host, float32 device, full
+    }
+    return terms
+
+
+def memory_needed(
+    n_cells: int,
+    n_genes: int,
+    nnz: int,
+    n_neighbours: int = 50,
+    *,
+    neighbour_candidates: int = NEIGHBOUR_CANDIDATES,
+    block_entries: int = BLOCK_ENTRIES,
+    chunk_entries: int = CHUNK_ENTRIES,
+    n_batches: int = 1,
+    share_at: str = "observed",
+) -> int:
+    """An upper bound, in bytes, of the memory a calibration of ``(n_cells, n_genes)`` counts with ``nnz`` stored
+    entries holds beyond the counts themselves (host and device together; on a CPU device they are one).
+
+    .. code-block:: text
+
+        n (C m + 12 k + 264 + 16 b) + 8 nnz + block_entries (3 x 21 + 64) + 32 chunk_entries
+          + H + R + [20 n G with share_at="all"]
+
+    with ``k = n_neighbours``, ``m = neighbour_candidates k`` latent candidates (``C = 40`` bytes each: index,
+    affinity, order and the approximate search's heaps), ``b`` batches, 21 bytes an entry of a block read
+    back from the spill (three in flight) and 64 of device temporaries, and ``H`` the constant building chunk
+    and distance chunks (a few hundred MB), ``R`` = 1 GiB for compiled code (XLA, numba), ``8 nnz`` the float32
+    share at the observed counts with its indices (the result). The stored entries themselves are on disk
+    (:func:`check_disk`). :func:`memory_terms` gives the parts.
+    """
+    return sum(
+        memory_terms(
+            n_cells,
+            n_genes,
+            nnz,
+            n_neighbours,
+            neighbour_candidates=neighbour_candidates,
+            block_entries=block_entries,
+            chunk_entries=chunk_entries,
+            n_batches=n_batches,
+            share_at=share_at,
+        ).values()
+    )
+
+
+def _read_int(path: str, key: str | None = None) -> int | None:
+    """An integer from a file (its first word, or the value of ``key:`` in kB), ``None`` if unreadable/absent."""
+    try:
+        with open(path) as f:
+            if key is None:
+                word = f.read().split()[0]
+                return None if word == "max" else int(word)
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still use: the least of ``MemAvailable`` (``/proc/meminfo``), the cgroup's
+    ``memory.max`` less its ``memory.current``, and ``RLIMIT_AS`` less the process's ``VmSize``; each read
+    defensively (``None`` when none can be read)."""
+    found = []
+    if (meminfo := _read_int("/proc/meminfo", "MemAvailable")) is not None:
+        found.append(meminfo)
+    limit = _read_int("/sys/fs/cgroup/memory.max")
+    if limit is not None:
+        found.append(limit - (_read_int("/sys/fs/cgroup/memory.current") or 0))
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (OSError, ValueError):
+        soft = resource.RLIM_INFINITY
+    if soft != resource.RLIM_INFINITY:
+        found.append(soft - (_read_int("/proc/self/status", "VmSize") or 0))
+    return max(0, min(found)) if found else None
+
+
+def check_memory(needed: int, available: int | None = None, terms: dict[str, int] | None = None) -> None:
+    """Raise a ``ValueError`` when ``needed`` bytes exceed ``available`` (default :func:`available_memory`; no
+    check when it cannot be read), naming the largest of ``terms`` (:func:`memory_terms`) and its fix."""
+    available = available_memory() if available is None else int(available)
+    if available is None or needed <= available:
+        return
+    largest = max(terms, key=terms.get) if terms else None
+    part = "" if largest is None else f"; the largest part is the {largest} ({terms[largest] / 2**30:.2f} GiB)"
+    fix = _FIXES.get(largest, "a smaller block_entries, fewer neighbours (n_neighbours)")
+    raise ValueError(
+        f"the calibration needs about {needed / 2**30:.2f} GiB beyond the counts but this process can use "
+        f"{available / 2**30:.2f} GiB{part}: use {fix}; or method='split', which needs no calibration"
+    )
+
+
+def check_disk(needed: int, directory: str | None = None) -> None:
+    """Raise a ``ValueError`` when the spill of the stored entries (``needed`` bytes) does not fit in the free
+    space of the temporary directory (``tempfile.gettempdir()``, set by ``TMPDIR``)."""
+    directory = tempfile.gettempdir() if directory is None else directory
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if needed > free:
+        raise ValueError(
+            f"the calibration spills up to {needed / 2**30:.2f} GiB of stored neighbourhood entries to "
+            f"{directory!r}, which has {free / 2**30:.2f} GiB free: set TMPDIR to a larger disk, use fewer "
+            f"neighbours (n_neighbours), or method='split'"
+        )
+
+
+__all__ = ["available_memory", "check_disk", "check_memory", "memory_needed", "memory_terms"]

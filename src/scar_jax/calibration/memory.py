@@ -10,6 +10,7 @@ from __future__ import annotations
 import resource
 import shutil
 import tempfile
+from typing import Any
 
 from .blocks import _GATHER_ENTRIES, _HOST_ENTRIES, BLOCK_ENTRIES, CHUNK_ENTRIES, ENTRY_BYTES
 from .knn import _AFFINITY_ENTRIES, _KNN_DISTANCE_ENTRIES, NEIGHBOUR_CANDIDATES
@@ -65,18 +66,7 @@ def memory_terms(
     return terms
 
 
-def memory_needed(
-    n_cells: int,
-    n_genes: int,
-    nnz: int,
-    n_neighbours: int = 50,
-    *,
-    neighbour_candidates: int = NEIGHBOUR_CANDIDATES,
-    block_entries: int = BLOCK_ENTRIES,
-    chunk_entries: int = CHUNK_ENTRIES,
-    n_batches: int = 1,
-    share_at: str = "observed",
-) -> int:
+def memory_needed(n_cells: int, n_genes: int, nnz: int, n_neighbours: int = 50, **options: Any) -> int:
     """An upper bound, in bytes, of the memory a calibration of ``(n_cells, n_genes)`` counts with ``nnz`` stored
     entries holds beyond the counts themselves (host and device together; on a CPU device they are one).
 
@@ -90,21 +80,9 @@ def memory_needed(
     back from the spill (three in flight) and 64 of device temporaries, and ``H`` the constant building chunk
     and distance chunks (a few hundred MB), ``R`` = 1 GiB for compiled code (XLA, numba), ``8 nnz`` the float32
     share at the observed counts with its indices (the result). The stored entries themselves are on disk
-    (:func:`check_disk`). :func:`memory_terms` gives the parts.
+    (:func:`check_disk`). ``options``: the keywords of :func:`memory_terms`, which gives the parts.
     """
-    return sum(
-        memory_terms(
-            n_cells,
-            n_genes,
-            nnz,
-            n_neighbours,
-            neighbour_candidates=neighbour_candidates,
-            block_entries=block_entries,
-            chunk_entries=chunk_entries,
-            n_batches=n_batches,
-            share_at=share_at,
-        ).values()
-    )
+    return sum(memory_terms(n_cells, n_genes, nnz, n_neighbours, **options).values())
 
 
 def _read_int(path: str, key: str | None = None) -> int | None:

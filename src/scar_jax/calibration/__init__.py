@@ -178,8 +178,15 @@ def _preflight(counts, n_neighbours, neighbour_candidates, block_entries, chunk_
     n_cells, n_genes = np.shape(counts) if not sp.issparse(counts) else counts.shape
     nnz = counts.nnz if sp.issparse(counts) else n_cells * n_genes
     sparse_observed = share_at == "observed" and sp.issparse(counts)
-    batches = np.shape(ambient)[0] if np.ndim(ambient) == 2 else 1
-    sizes = {"neighbour_candidates": neighbour_candidates, "block_entries": block_entries, "n_batches": batches}
-    share = "observed" if sparse_observed else "all"
-    terms = memory_terms(n_cells, n_genes, nnz, n_neighbours, chunk_entries=chunk_entries, share_at=share, **sizes)
+    terms = memory_terms(
+        n_cells,
+        n_genes,
+        nnz,
+        n_neighbours,
+        neighbour_candidates=neighbour_candidates,
+        block_entries=block_entries,
+        chunk_entries=chunk_entries,
+        n_batches=np.shape(ambient)[0] if np.ndim(ambient) == 2 else 1,
+        share_at="observed" if sparse_observed else "all",
+    )
     check_memory(sum(terms.values()), terms=terms)

@@ -121,9 +121,9 @@ def hellinger_affinity(counts: np.ndarray | sp.spmatrix, pairs: np.ndarray) -> n
     x = counts if sp.issparse(counts) else sp.csr_matrix(np.asarray(counts))
     x = sp.csr_matrix(x)
     n, n_genes = x.shape
-    library = np.empty(n)
-    for start in range(0, n, max(1, _AFFINITY_ENTRIES // max(n_genes, 1))):
-        stop = min(n, start + max(1, _AFFINITY_ENTRIES // max(n_genes, 1)))
+    library, step = np.empty(n), max(1, _AFFINITY_ENTRIES // max(n_genes, 1))  # rows per chunk
+    for start in range(0, n, step):
+        stop = min(n, start + step)
         library[start:stop] = np.asarray(sp.csr_matrix(x[start:stop], dtype=np.float64).sum(axis=1)).ravel()
     scale = 1.0 / np.sqrt(np.where(library > 0, library, 1.0))
 
@@ -133,7 +133,6 @@ def hellinger_affinity(counts: np.ndarray | sp.spmatrix, pairs: np.ndarray) -> n
         return m
 
     out = np.empty(pairs.shape, dtype=np.float64)
-    step = max(1, _AFFINITY_ENTRIES // max(n_genes, 1))
     for start in range(0, pairs.shape[0], step):
         rows = slice(start, min(pairs.shape[0], start + step))
         own = roots(np.arange(rows.start, rows.stop))

@@ -237,10 +237,9 @@ def _share_block(eps, p: _Parameters, cells: _Cells, block: dict, alpha, odds):
     return jax.lax.map(sub_block, block)
 
 
-def _shares(eps, pi, s, cells: _Cells, store, alpha, odds, block: int):
+def _shares(eps, p: _Parameters, cells: _Cells, store, alpha, odds, block: int):
     """The native share at the stored entries, block by block: yields each block's entries (host) and shares
     ``(block,)`` (host float32), of which the first ``size`` are real."""
-    p = _parameters(eps, pi, s, cells)
     alpha, odds = jnp.asarray(alpha, eps.dtype), jnp.asarray(odds, eps.dtype)
     block, sub = _sub_block(block)
     for entries, size in store.blocks(block):
@@ -248,17 +247,15 @@ def _shares(eps, pi, s, cells: _Cells, store, alpha, odds, block: int):
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
-def _share_dense(eps, pi, s, cells: _Cells, alpha, odds, chunk: int):
+def _share_dense(eps, p: _Parameters, cells: _Cells, alpha, odds, chunk: int):
     """The native share ``(n, G)`` with every pooled count at zero (the stored entries are then overwritten)."""
-    native_library, by_batch = _libraries(eps, cells)
-    logit_pi = jnp.log(pi) - jnp.log1p(-pi)
 
-    def rows(native_library, s, logit_pi, eps, by_batch, batch):
+    def rows(native_library, scale, logit_pi, eps, by_batch, batch):
         cell_a = cells.profiles[batch]
         background = _background(by_batch, cells.profiles)
-        mu = (native_library * s)[:, None] * cell_a + background
+        mu = scale[:, None] * cell_a + background
         log_odds = _log_odds(0.0, 0.0, mu, background, logit_pi[:, None], alpha)
         return _native_share(0.0, mu, background, native_library[:, None], eps[:, None], cell_a, log_odds, alpha, odds)
 
-    arrays = (native_library, s, logit_pi, eps, by_batch, cells.batch)
+    arrays = (p.native_library, p.scale, p.logit_pi, eps, p.by_batch, cells.batch)
     return _by_row_chunks(rows, arrays, cells.library.shape[0], chunk)

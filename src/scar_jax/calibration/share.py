@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .blocks import BLOCK_ENTRIES, CHUNK_ENTRIES, ENTRY_BYTES, EntryStore, stored_entries_bound
-from .loop import _DTYPE, MIN_EXPECTED_POOLED_COUNT, _Cells, _fit, _share_dense, _shares
+from .loop import _DTYPE, MIN_EXPECTED_POOLED_COUNT, _Cells, _fit, _parameters, _share_dense, _shares
 from .memory import check_disk
 
 _TINY = 1e-300
@@ -66,7 +66,7 @@ def calibrated_native_share(
         block = max(1, min(_positive(block_entries, "block_entries"), store.n_entries))
         chunk = max(1, min(n, _positive(chunk_entries, "chunk_entries") // max(n_genes, 1)))
         eps, pi, s, _ = _fit(*_start(noise_ratio, n, pi0), cells, store, alpha, tol, int(n_iter), chunk, block)
-        fitted = (eps, pi, s, cells, store, alpha, odds)
+        fitted = (eps, _parameters(eps, pi, s, cells), cells, store, alpha, odds)
         if share_at == "observed" and sparse_input:
             w = _observed_share(fitted, block, x, support)
         else:
@@ -157,9 +157,9 @@ def estimating_genes(profiles: np.ndarray, library: np.ndarray, neighbours: np.n
 def _dense_share(fitted: tuple, block: int, chunk: int, shape, support: np.ndarray) -> np.ndarray:
     """The share ``(n, G)`` float64 at the fitted parameters: the zero-count share everywhere, the stored entries
     overwritten block by block, and 1 on the genes no ambient profile can produce (not in ``support``)."""
-    eps, pi, s, cells, store, alpha, odds = fitted
-    w = np.array(_share_dense(eps, pi, s, cells, alpha, odds, chunk), np.float64)  # writable
-    for entries, shares, size in _shares(eps, pi, s, cells, store, alpha, odds, block):
+    eps, p, cells, store, alpha, odds = fitted
+    w = np.array(_share_dense(eps, p, cells, alpha, odds, chunk), np.float64)  # writable
+    for entries, shares, size in _shares(eps, p, cells, store, alpha, odds, block):
         w[entries["row"][:size], entries["col"][:size]] = shares[:size]
     if support.all():
         return w
@@ -171,12 +171,12 @@ def _dense_share(fitted: tuple, block: int, chunk: int, shape, support: np.ndarr
 def _observed_share(fitted: tuple, block: int, x: sp.csr_matrix, support: np.ndarray) -> sp.csr_matrix:
     """The share at the entries of canonical CSR ``x`` (its pattern; float32 values, int32 or int64 indices as
     ``x``'s), block by block, and 1 at the counts of genes no ambient profile can produce (not in ``support``)."""
-    eps, pi, s, cells, store, alpha, odds = fitted
+    eps, p, cells, store, alpha, odds = fitted
     data = np.ones(x.nnz, np.float32)  # the shares are float32 on the device: float64 would only double the result
     producible = None if support.all() else support[x.indices]
     values = data if producible is None else np.empty(int(np.count_nonzero(producible)))
     at = 0
-    for entries, shares, size in _shares(eps, pi, s, cells, store, alpha, odds, block):
+    for entries, shares, size in _shares(eps, p, cells, store, alpha, odds, block):
         got = shares[:size][entries["own"][:size].astype(bool)]
         values[at : at + got.size] = got
         at += got.size

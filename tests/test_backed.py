@@ -208,23 +208,29 @@ def test_inference_on_backed_counts_equals_in_memory(files, in_memory_model):
     )
 
 
-def test_write_denoised_counts_block_by_block(files, in_memory_model, tmp_path):
+@pytest.mark.parametrize("method", ["split", None])  # None: the default, "calibrated" for mRNA
+def test_write_denoised_counts_block_by_block(files, in_memory_model, tmp_path, method):
     adata, h5ad, _ = files
+    before = digest(h5ad)
     backed = read_backed(h5ad)
     SCAR.setup_anndata(backed)
     out = tmp_path / "denoised.h5ad"
-    in_memory_model.write_denoised_counts(out, backed, block_cells=70, n_samples=3, seed=4, progress_bar=False)
+    options = {"n_samples": 3, "seed": 4, "method": method}
+    in_memory_model.write_denoised_counts(out, backed, block_cells=70, **options, progress_bar=False)
     written = anndata.read_h5ad(out)
-    expected = in_memory_model.get_denoised_counts(n_samples=3, seed=4, method="split")
+    expected = in_memory_model.get_denoised_counts(**options)  # in memory, whole: the same numbers
     assert written.X is None and list(written.layers) == ["denoised"]
     assert list(written.obs_names) == list(adata.obs_names) and list(written.var_names) == list(adata.var_names)
     layer = written.layers["denoised"]
     assert sp.issparse(layer) and layer.shape == adata.shape
     np.testing.assert_array_equal(layer.toarray(), expected.toarray())
     assert (layer <= adata.X).toarray().all()  # never above the observed counts
+    if method is None:  # the calibration removes something, and less than the model's split
+        split = in_memory_model.get_denoised_counts(**{**options, "method": "split"})
+        assert split.sum() < layer.sum() < adata.X.sum()
     with pytest.raises(ValueError, match="already exists"):
         in_memory_model.write_denoised_counts(out, backed, progress_bar=False)
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*.partial")) and digest(h5ad) == before
 
 
 def test_write_denoised_counts_leaves_no_partial_file_on_error(files, in_memory_model, tmp_path, monkeypatch):
@@ -234,8 +240,12 @@ def test_write_denoised_counts_leaves_no_partial_file_on_error(files, in_memory_
         raise OSError("disk full")
 
     monkeypatch.setattr(predict, "split_counts", broken)
-    with warnings.catch_warnings(), pytest.raises(OSError, match="disk full"):
-        in_memory_model.write_denoised_counts(tmp_path / "x.h5ad", progress_bar=False)
-    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(predict, "calibrated_split", broken)
+    for method in ("split", "calibrated"):
+        with warnings.catch_warnings(), pytest.raises(OSError, match="disk full"):
+            in_memory_model.write_denoised_counts(tmp_path / "x.h5ad", method=method, progress_bar=False)
+        assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="method must be 'calibrated' or 'split'"):
+        in_memory_model.write_denoised_counts(tmp_path / "y.h5ad", method="expected", progress_bar=False)
     with pytest.raises(ValueError, match="layer must be"):
         in_memory_model.write_denoised_counts(tmp_path / "y.h5ad", layer="", progress_bar=False)

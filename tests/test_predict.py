@@ -66,9 +66,9 @@ def test_write_denoised_counts_refuses_an_existing_file(trained_model, tmp_path)
     path = tmp_path / "out.h5ad"
     path.write_text("")
     with pytest.raises(ValueError, match="already exists"):
-        predict.write_denoised_counts(model, path, None, "denoised", 100, None, 1, 0, False, False)
+        predict.write_denoised_counts(model, path, None, "denoised", "split", 100, None, 1, 0, 50, 0.1, False, False)
     with pytest.raises(ValueError, match="layer must be a non-empty string"):
-        predict.write_denoised_counts(model, path, None, "", 100, None, 1, 0, True, False)
+        predict.write_denoised_counts(model, path, None, "", "split", 100, None, 1, 0, 50, 0.1, True, False)
 
 
 def test_differential_abundance_needs_a_sample_column(trained_model):

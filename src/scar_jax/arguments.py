@@ -176,6 +176,12 @@ NOT_RANGES: dict[tuple[str, str], str] = {
 }
 
 
+def refuse_dataloader(dataloader: Any) -> None:
+    """scvi-tools' ``dataloader`` argument: accepted as ``None`` only (a ``ValueError`` naming the fix)."""
+    if dataloader is not None:
+        raise ValueError("dataloader is not supported; pass adata and indices")
+
+
 def argument_range(method: str, name: str) -> Range | None:
     """The :class:`Range` of parameter ``name`` of ``method``, or ``None`` when it is not a number."""
     return METHOD_ARGUMENTS.get((method, name), ARGUMENTS.get(name))

@@ -54,6 +54,9 @@ def binomial_split(counts: sp.csr_matrix, share: sp.csr_matrix, cells: np.ndarra
     return out
 
 
+SPLIT_ENTRIES = 1 << 22  # calibrated_split: stored counts drawn per call (bounds its int64 temporaries)
+
+
 def _share_at_counts(x: sp.csr_matrix, share: np.ndarray | sp.csr_matrix) -> np.ndarray:
     """The share at each stored entry of canonical CSR ``x`` ``(nnz,)``: ``share.data`` when ``share`` has the
     pattern of ``x``, otherwise looked up entry by entry."""
@@ -64,23 +67,47 @@ def _share_at_counts(x: sp.csr_matrix, share: np.ndarray | sp.csr_matrix) -> np.
     return np.asarray(share[row_of, x.indices]).ravel()
 
 
+def _canonical(x: sp.spmatrix) -> sp.csr_matrix:
+    """``x`` as canonical CSR (sorted indices, no duplicates); its own arrays when it already is one (no copy)."""
+    x = sp.csr_matrix(x)
+    if not x.has_canonical_format:
+        x = x.copy()
+        x.sum_duplicates()
+    return x
+
+
+def _binomial_stored(rng: np.random.Generator, counts: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """``Binomial(rint(counts), share)`` ``(nnz,)`` float32, drawn ``SPLIT_ENTRIES`` at a time from ``rng``: the
+    same numbers as one call over all entries (the stream is consumed in entry order either way)."""
+    out = np.empty(counts.size, np.float32)
+    for start in range(0, counts.size, SPLIT_ENTRIES):
+        part = slice(start, start + SPLIT_ENTRIES)
+        out[part] = rng.binomial(np.rint(counts[part]).astype(np.int64), share[part])
+    return out
+
+
 def calibrated_split(
-    x: np.ndarray | sp.spmatrix, share: np.ndarray | sp.csr_matrix, seed: int = 0, return_sparse: bool | None = None
+    x: np.ndarray | sp.spmatrix,
+    share: np.ndarray | sp.csr_matrix,
+    seed: int | np.random.Generator = 0,
+    return_sparse: bool | None = None,
 ) -> np.ndarray | sp.csr_matrix:
     """The count-preserving split ``Binomial(x, share)`` of counts ``x`` ``(n, G)`` with native shares ``share``.
 
     ``share`` as :func:`scar_jax.calibration.calibrate` returns it: dense ``(n, G)``, or for sparse ``x`` CSR at
     the observed entries (``share_at="observed"``; looked up entry by entry if its layout differs from the
     canonical form of ``x``). One ``numpy.random.default_rng(seed)`` stream over the stored entries in
-    row order, so the result is reproducible from ``seed``; integer, ``0 <= out <= x``, zeros stay zero.
-    ``return_sparse``: CSR output (default: when ``x`` is sparse). This is what
-    :meth:`scar_jax.SCAR.get_denoised_counts` returns for ``method="calibrated"`` with the same seed.
+    row order, so the result is reproducible from ``seed``; a ``Generator`` passed as ``seed`` is continued, so
+    splitting consecutive row blocks with one generator gives the numbers of one call over all rows.
+    Integer, ``0 <= out <= x``, zeros stay zero. ``return_sparse``: CSR output (default: when ``x`` is sparse).
+    This is what :meth:`scar_jax.SCAR.get_denoised_counts` returns for ``method="calibrated"`` with the same seed.
+    Memory for sparse ``x`` beyond the output CSR: ``SPLIT_ENTRIES`` x 16 bytes (and a canonical copy of ``x``
+    only if it is not canonical).
     """
     rng = np.random.default_rng(seed)
     if sp.issparse(x):
-        x = sp.csr_matrix(x, copy=True)
-        x.sum_duplicates()
-        data = rng.binomial(np.rint(x.data).astype(np.int64), _share_at_counts(x, share)).astype(np.float32)
+        x = _canonical(x)
+        data = _binomial_stored(rng, x.data, _share_at_counts(x, share))
         out = sp.csr_matrix((data, x.indices.copy(), x.indptr.copy()), shape=x.shape)
         out.eliminate_zeros()
         return out if return_sparse is None or return_sparse else out.toarray()

@@ -36,7 +36,6 @@ from .vae import SCARConfig, init_variables
 
 PLAN_KWARGS = {*_arguments.PLAN_RANGES, "optimizer"}
 TRAINER_KWARGS = set(_arguments.TRAINER_RANGES)  # and those of _arguments.NO_EFFECT_TRAINER_KWARGS (warned)
-_NO_DATALOADER = "dataloader is not supported; pass adata and indices"
 
 
 class SCAR:
@@ -250,15 +249,13 @@ class SCAR:
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Latent representation ``(n_cells, n_latent)``: the mean (``give_mean``) or one draw of z, for ``"ln"``
         of softmax(z) (mean over ``mc_samples`` draws); ``return_dist``: mean and variance of q(z | x)."""
-        if dataloader is not None:
-            raise ValueError(_NO_DATALOADER)
+        _arguments.refuse_dataloader(dataloader)
         fn = _an.latent_fn(self.config, self._variables, return_dist, give_mean, mc_samples)
         out = self._map(fn, adata, indices, batch_size, seed)
         return (out[0], out[1]) if return_dist else out[0]
 
     def _elbo_terms(self, adata, indices, batch_size, seed, dataloader) -> list[np.ndarray]:
-        if dataloader is not None:
-            raise ValueError(_NO_DATALOADER)
+        _arguments.refuse_dataloader(dataloader)
         cfg, v, ambient = self.config, self._variables, jax.numpy.asarray(self.ambient_profile)
         return self._map(lambda b, k: _post.elbo_terms(cfg, v, b, ambient, k), adata, indices, batch_size, seed)
 
@@ -308,8 +305,7 @@ class SCAR:
         likelihood (scvi-tools: the native part). ``batch_size`` defaults to 256 cells."""
         if kwargs:
             raise TypeError(f"get_marginal_ll() got unknown keyword arguments {sorted(kwargs)}")
-        if dataloader is not None:
-            raise ValueError(_NO_DATALOADER)
+        _arguments.refuse_dataloader(dataloader)
         n = _positive_int(n_mc_samples, "n_mc_samples")
         cfg, v, ambient = self.config, self._variables, jax.numpy.asarray(self.ambient_profile)
         fn = lambda b, k: _post.log_marginal_likelihood(cfg, v, b, ambient, n, k)  # noqa: E731
@@ -597,18 +593,22 @@ class SCAR:
         adata: anndata.AnnData | None = None,
         *,
         layer: str = "denoised",
+        method: Literal["calibrated", "split"] | None = None,
         block_cells: int = _backed.DEFAULT_BLOCK_CELLS,
         batch_size: int | None = None,
         n_samples: int = 1,
         seed: int = 0,
+        n_neighbours: int = 50,
+        expressed_prior_odds: float = 0.1,
         overwrite: bool = False,
         progress_bar: bool = True,
     ) -> None:
-        """Write ``get_denoised_counts(adata, method="split")`` to the CSR ``layers[layer]`` of a new ``.h5ad``
-        (the cells' ``obs`` and ``var``, no ``X``), ``block_cells`` cells at a time, atomically (a temporary
-        name, renamed when complete). For data larger than memory (:func:`scar_jax.backed.read_backed`)."""
-        options = (block_cells, batch_size, n_samples, seed, overwrite, progress_bar)
-        _predict.write_denoised_counts(self, filename, adata, layer, *options)
+        """Write ``get_denoised_counts(adata, method=method, ...)`` (same arguments, same result) to the CSR
+        ``layers[layer]`` of a new ``.h5ad`` (the cells' ``obs`` and ``var``, no ``X``), ``block_cells`` cells at a
+        time, atomically (a temporary name, renamed when complete). For data larger than memory
+        (:func:`scar_jax.backed.read_backed`); ``"calibrated"`` holds the calibration's per-cell state and shares."""
+        options = (batch_size, n_samples, seed, n_neighbours, expressed_prior_odds, overwrite, progress_bar)
+        _predict.write_denoised_counts(self, filename, adata, layer, method, block_cells, *options)
 
     @staticmethod
     def get_ambient_profile(

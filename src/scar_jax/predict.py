@@ -147,20 +147,35 @@ def split_counts(model, adata, indices, batch_size, n_samples: int, seed: int) -
     return _an.split_counts(cfg, v, model.ambient_profile, cells, rows, batch_size, n_samples, seed, key)
 
 
-def write_denoised_counts(model, filename, adata, layer, block_cells, batch_size, n_samples, seed, overwrite, bar):
-    """``write_denoised_counts``: ``split`` counts written ``block_cells`` cells at a time (:mod:`scar_jax.io`)."""
+def write_denoised_counts(model, filename, adata, layer, method, block_cells, *options) -> None:
+    """``write_denoised_counts``: the counts of ``get_denoised_counts`` written ``block_cells`` cells at a time
+    (:mod:`scar_jax.io`). ``options``: ``batch_size, n_samples, seed, n_neighbours, expressed_prior_odds,
+    overwrite, progress_bar``.
+
+    ``"calibrated"``: the calibration of all cells (kept on the model as for ``get_denoised_counts``), then one
+    :func:`scar_jax.denoise.calibrated_split` stream continued block after block, so the file holds the same
+    numbers as ``get_denoised_counts(method="calibrated", seed=seed)``. ``"split"``: per-cell streams."""
+    batch_size, n_samples, seed, n_neighbours, odds, overwrite, bar = options
     if not model.is_trained:
         raise RuntimeError("the model is not trained yet; call model.train() first")
     if not isinstance(layer, str) or not layer:
         raise ValueError(f"layer must be a non-empty string, got {layer!r}")
+    method = model.default_denoising_method if method is None else method
+    if method not in ("calibrated", "split"):
+        raise ValueError(f"method must be 'calibrated' or 'split' (count-preserving, by blocks), got {method!r}")
     path = Path(filename)
     if path.exists() and not overwrite:
         raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
     block = _positive_int(block_cells, "block_cells")
     n_samples = _positive_int(n_samples, "n_samples")
     adata = model.adata if adata is None else adata
-    split = lambda rows: split_counts(model, adata, rows, batch_size, n_samples, seed)  # noqa: E731
-    _io.write_layer_by_blocks(path, adata, layer, block, split, bar)
+    if method == "split":
+        draw = lambda rows: split_counts(model, adata, rows, batch_size, n_samples, seed)  # noqa: E731
+    else:
+        _, share, cells, _ = calibrated(model, adata, None, batch_size, n_neighbours, odds)
+        rng = np.random.default_rng(seed)  # one stream, continued by each block in row order
+        draw = lambda rows: calibrated_split(cells.x[rows], share[rows], rng, return_sparse=True)  # noqa: E731
+    _io.write_layer_by_blocks(path, adata, layer, block, draw, bar)
 
 
 def ambient_profile(adata: anndata.AnnData, raw_adata: anndata.AnnData, n_batch: int, batch_key, **options: Any):

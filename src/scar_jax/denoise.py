@@ -54,6 +54,35 @@ def binomial_split(counts: sp.csr_matrix, share: sp.csr_matrix, cells: np.ndarra
     return out
 
 
+_SPLIT_ENTRIES = 1 << 22  # calibrated_split: stored counts drawn per call (bounds its int64 and float64 copies)
+
+
+def canonical_csr(x: sp.spmatrix) -> sp.csr_matrix:
+    """``x`` as canonical CSR (sorted indices, no duplicates) in its own dtype: a view of the same arrays when it
+    already is one (nothing copied), otherwise one copy."""
+    if x.format == "csr" and x.has_canonical_format:
+        return sp.csr_matrix(x)
+    x = sp.csr_matrix(x, copy=True)
+    x.sum_duplicates()
+    return x
+
+
+def _sparse_calibrated_split(x: sp.csr_matrix, share: np.ndarray | sp.csr_matrix, rng) -> sp.csr_matrix:
+    """``Binomial(x, share)`` at the stored counts of canonical CSR ``x``, CSR float32 without zeros.
+
+    The draws are made ``_SPLIT_ENTRIES`` counts at a time from the one stream ``rng``, in row order: the same
+    values as one call over all counts (NumPy's binomial sampler keeps no state between calls beyond the bit
+    generator's), with the integer counts and the float64 shares held a chunk at a time."""
+    p = _share_at_counts(x, share)
+    data = np.empty(x.nnz, np.float32)
+    for start in range(0, x.nnz, _SPLIT_ENTRIES):
+        part = slice(start, min(x.nnz, start + _SPLIT_ENTRIES))
+        data[part] = rng.binomial(np.rint(x.data[part]).astype(np.int64), p[part])
+    out = sp.csr_matrix((data, x.indices.copy(), x.indptr.copy()), shape=x.shape)
+    out.eliminate_zeros()
+    return out
+
+
 def _share_at_counts(x: sp.csr_matrix, share: np.ndarray | sp.csr_matrix) -> np.ndarray:
     """The share at each stored entry of canonical CSR ``x`` ``(nnz,)``: ``share.data`` when ``share`` has the
     pattern of ``x``, otherwise looked up entry by entry."""
@@ -78,11 +107,7 @@ def calibrated_split(
     """
     rng = np.random.default_rng(seed)
     if sp.issparse(x):
-        x = sp.csr_matrix(x, copy=True)
-        x.sum_duplicates()
-        data = rng.binomial(np.rint(x.data).astype(np.int64), _share_at_counts(x, share)).astype(np.float32)
-        out = sp.csr_matrix((data, x.indices.copy(), x.indptr.copy()), shape=x.shape)
-        out.eliminate_zeros()
+        out = _sparse_calibrated_split(canonical_csr(x), share, rng)
         return out if return_sparse is None or return_sparse else out.toarray()
     out = rng.binomial(np.rint(np.asarray(x)).astype(np.int64), share).astype(np.float32)
     return sp.csr_matrix(out) if return_sparse else out

@@ -83,7 +83,14 @@ from .knn import (  # noqa: F401 (re-exported)
     pool_counts,
 )
 from .loop import MIN_EXPECTED_POOLED_COUNT, OFF_PROBABILITY_FLOOR  # noqa: F401 (re-exported)
-from .memory import available_memory, check_disk, check_memory, memory_needed, memory_terms
+from .memory import (
+    available_memory,
+    check_disk,
+    check_memory,
+    memory_needed,
+    memory_terms,
+    release_freed_memory,
+)
 from .oracle import neighbourhood_posterior
 from .share import calibrated_native_share, estimating_genes  # noqa: F401 (re-exported)
 
@@ -148,6 +155,7 @@ def calibrate(
     _check_metric(metric)
     _preflight(counts, n_neighbours, neighbour_candidates, block_entries, chunk_entries, ambient, share_at)
     neighbours = count_checked_neighbours(latent, counts, n_neighbours, neighbour_candidates, metric=metric)
+    release_freed_memory()  # the search's temporaries, before the spill and the rounds
     eps, share = calibrated_native_share(
         counts,
         neighbours,
@@ -161,6 +169,8 @@ def calibrate(
         block_entries=block_entries,
         chunk_entries=chunk_entries,
     )
+    del neighbours
+    release_freed_memory()  # the rounds' temporaries, before the caller's split
     if float(np.mean(eps)) > IMPLAUSIBLE_NOISE_RATIO:
         warnings.warn(
             f"the calibrated mean noise ratio is {np.mean(eps):.2f}: most counts are called ambient. This "

@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 
 EXACT_KNN_MAX_CELLS = 50_000  # knn_indices: exact neighbours up to this many cells, approximate (pynndescent) above
-_KNN_DISTANCE_ENTRIES = 1 << 24  # exact neighbours: distances held per chunk of rows (128 MB of float64)
+_KNN_DISTANCE_ENTRIES = 1 << 22  # exact neighbours: distances held per chunk of rows (32 MB of float64)
 _AFFINITY_ENTRIES = 1 << 22  # hellinger_affinity: cells x genes per chunk of rows (bounds its float64 copies)
 NEIGHBOUR_CANDIDATES = 2  # count_checked_neighbours: latent candidates per neighbour kept (1: the latent ones)
 
@@ -31,7 +31,7 @@ def knn_indices(
     ``"euclidean"``: the plain distance. Cells whose latent vector is zero are left at zero.
 
     Up to ``exact_max_cells`` cells (default 50,000) the neighbours are exact, computed over chunks of
-    at most ``chunk`` rows and 2^24 distances; the cost grows as ``n^2``. Above it they are approximate:
+    at most ``chunk`` rows and 2^22 distances; the cost grows as ``n^2``. Above it they are approximate:
     nearest-neighbour descent (``pynndescent``, what ``scanpy.pp.neighbors`` uses), seeded by ``seed`` so
     that the result is reproducible.
     """
@@ -49,7 +49,10 @@ def knn_indices(
     out = np.empty((n, k), dtype=np.int64)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
-        d = sq[rows, None] + sq[None, :] - 2.0 * z[rows] @ z.T
+        d, product = sq[rows, None] + sq[None, :], z[rows] @ z.T
+        product *= 2.0
+        d -= product  # the same values as sq + sq - 2 z z^T, two chunk arrays instead of four
+        del product
         d[np.arange(d.shape[0]), np.arange(rows.start, rows.stop)] = -np.inf  # self first
         part = np.argpartition(d, k - 1, axis=1)[:, :k]
         order = np.argsort(np.take_along_axis(d, part, 1), axis=1, kind="stable")

@@ -8,6 +8,7 @@ allocated.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import shutil
 import tempfile
@@ -65,7 +66,7 @@ def memory_terms(
     terms = {
         "neighbour candidates": n * candidates * _CANDIDATE_BYTES
         + _SEARCH_BYTES
-        + max(_KNN_DISTANCE_ENTRIES, _AFFINITY_ENTRIES) * 16,
+        + max(_KNN_DISTANCE_ENTRIES * 24, _AFFINITY_ENTRIES * 16),  # exact: distances, their product, order
         "neighbourhoods": n * k * (8 + 4),  # host int64 and device int32
         "per-cell vectors": n * (_CELL_BYTES + 16 * int(n_batches)),
         # float32 share at the counts (their index arrays shared), with the gaps a mask and the masked shares
@@ -107,6 +108,17 @@ def memory_needed(n_cells: int, n_genes: int, nnz: int, n_neighbours: int = 50, 
     keywords of :func:`memory_terms`, which gives the parts.
     """
     return sum(memory_terms(n_cells, n_genes, nnz, n_neighbours, **options).values())
+
+
+def release_freed_memory() -> None:
+    """Return the pages the C heap holds freed to the system (glibc's ``malloc_trim(0)``; nothing where there is
+    none). Between the calibration's phases the freed temporaries otherwise stay resident and the next phase's
+    large arrays, mapped afresh, come on top of them."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def _read_int(path: str, key: str | None = None) -> int | None:
@@ -174,4 +186,4 @@ def check_disk(needed: int, directory: str | None = None) -> None:
         )
 
 
-__all__ = ["available_memory", "check_disk", "check_memory", "memory_needed", "memory_terms"]
+__all__ = ["available_memory", "check_disk", "check_memory", "memory_needed", "memory_terms", "release_freed_memory"]

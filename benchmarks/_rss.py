@@ -39,3 +39,43 @@ class PeakRSS:
         self._thread.join()
         self.samples.append(resident_mb())
         self.peak = max(self.samples)
+
+
+class PhasePeaks:
+    """VmRSS sampled every 5 ms in a thread and credited to the phase running: :meth:`wrap` makes a function
+    set its phase while it runs (nested calls: the innermost); ``peaks`` maps each phase to its peak (MB)."""
+
+    def __init__(self, first: str = "other") -> None:
+        self.current = first
+        self.peaks: dict[str, float] = {}
+
+    def wrap(self, name: str, fn):
+        """``fn`` with the phase ``name`` set while it runs (and its resident memory on return recorded)."""
+
+        def wrapped(*args, **kwargs):
+            outer, self.current = self.current, name
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._record(name, resident_mb())
+                self.current = outer
+
+        return wrapped
+
+    def _record(self, name: str, value: float) -> None:
+        self.peaks[name] = max(self.peaks.get(name, value), value)
+
+    def __enter__(self) -> PhasePeaks:
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            self._record(self.current, resident_mb())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()

@@ -15,7 +15,9 @@ then the calibrated noise ratio and the share at the stored counts) and ``calibr
 count-preserving split that ``get_denoised_counts()`` returns), each timed, with the peak resident memory
 (``VmRSS`` sampled every 5 ms) above the resident memory once the counts and latent are loaded, in GB and as
 a multiple of the CSR (data + indices + indptr). ``neighbours s`` is the part of ``calibrate`` spent in
-``count_checked_neighbours``; ``spill GB`` the stored entries written to the temporary directory.
+``count_checked_neighbours``; ``spill GB`` the stored entries written to the temporary directory. After the
+table, the peak by phase (``_rss.PhasePeaks``: each sample credited to the innermost phase running): the
+neighbour search, the count check (ranking the candidates), the spill, the rounds, the share, the split.
 ``method="split"`` needs a trained model's decoder and is not measured here (``benchmarks/scale.py`` measures
 its inference).
 """
@@ -33,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _rss import PeakRSS, resident_mb  # noqa: E402  (benchmarks/_rss.py, beside this script)
+from _rss import PeakRSS, PhasePeaks, resident_mb  # noqa: E402  (benchmarks/_rss.py, beside this script)
 
 
 def projected_latent(x, dim: int, seed: int = 0):
@@ -58,6 +60,7 @@ def child(size: str, args: argparse.Namespace) -> dict:
     from scale import generate_counts
 
     from scar_jax import calibration
+    from scar_jax.calibration import knn as knn_module
     from scar_jax.calibration import share as share_module
 
     n_cells, n_genes = (int(v) for v in size.split("x"))
@@ -78,19 +81,24 @@ def child(size: str, args: argparse.Namespace) -> dict:
         spilled["entries"] = out.n_entries
         return out
 
-    calibration.count_checked_neighbours = timed_knn
+    phases = PhasePeaks()
+    calibration.count_checked_neighbours = phases.wrap("count check", timed_knn)
+    knn_module.knn_indices = phases.wrap("neighbour search", knn_module.knn_indices)
     if store is not None:  # (absent before the spill)
-        share_module.EntryStore = recorded_store
+        share_module.EntryStore = phases.wrap("spill", recorded_store)
+    share_module._fit = phases.wrap("rounds", share_module._fit)
+    share_module._observed_share = phases.wrap("share", share_module._observed_share)
+    split = phases.wrap("split", calibration.calibrated_split)
     options = {} if args.block_entries is None else {"block_entries": args.block_entries}
     base = resident_mb()
-    with PeakRSS() as rss:
+    with PeakRSS() as rss, phases:
         start = time.perf_counter()
         eps, share = calibration.calibrate(x, latent, profile, n_neighbours=args.neighbours, share_at="observed",
                                            **options)  # fmt: skip
         calibrate_s = time.perf_counter() - start
-    with PeakRSS() as rss_split:
+    with PeakRSS() as rss_split, phases:
         start = time.perf_counter()
-        calibration.calibrated_split(x, share, seed=0)
+        split(x, share, seed=0)
         split_s = time.perf_counter() - start
     return {
         "size": size,
@@ -102,6 +110,7 @@ def child(size: str, args: argparse.Namespace) -> dict:
         "split_peak_gb": (rss_split.peak - base) / 1e3,
         "spill_gb": spilled.get("entries", 0) * getattr(calibration, "ENTRY_BYTES", 20) / 1e9,
         "mean_eps": float(eps.mean()),
+        "phases_gb": {name: (peak - base) / 1e3 for name, peak in phases.peaks.items()},
     }
 
 
@@ -142,6 +151,7 @@ def main() -> None:
     print("| cells x genes | CSR GB | neighbours s | calibrate s | split s | cells/s | peak RSS GB | x CSR | spill GB "
           "| mean eps |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
+    phases = []
     for size in args.sizes:
         command = [sys.executable, os.path.abspath(__file__), "--child", size] + sys.argv[1:]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -149,7 +159,11 @@ def main() -> None:
         if done.returncode or not lines:
             print(f"| {size} | failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]} |")
             continue
-        print(_row(json.loads(lines[-1])), flush=True)
+        result = json.loads(lines[-1])
+        print(_row(result), flush=True)
+        phases.append(f"{size}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.get("phases_gb", {}).items()))
+    print("peak RSS GB above the loaded counts by phase (the innermost running; 'other': the rest of calibrate):")
+    print("\n".join(phases))
 
 
 if __name__ == "__main__":

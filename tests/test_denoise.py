@@ -30,7 +30,7 @@ def test_calibrated_split_is_one_stream_whatever_the_chunk(counts_and_share, mon
     x, share = counts_and_share
     expected = one_call(x, share, seed=3)
     for entries in (1, 7, x.nnz, 1 << 22):
-        monkeypatch.setattr(denoise, "SPLIT_ENTRIES", entries)
+        monkeypatch.setattr(denoise, "_SPLIT_ENTRIES", entries)
         out = denoise.calibrated_split(x, share, seed=3)
         assert sp.issparse(out) and not (out.data == 0).any()  # drawn zeros are not stored
         np.testing.assert_array_equal(out.toarray(), expected)

@@ -54,7 +54,33 @@ def binomial_split(counts: sp.csr_matrix, share: sp.csr_matrix, cells: np.ndarra
     return out
 
 
-SPLIT_ENTRIES = 1 << 22  # calibrated_split: stored counts drawn per call (bounds its int64 temporaries)
+_SPLIT_ENTRIES = 1 << 22  # calibrated_split: stored counts drawn per call (bounds its int64 and float64 copies)
+
+
+def canonical_csr(x: sp.spmatrix) -> sp.csr_matrix:
+    """``x`` as canonical CSR (sorted indices, no duplicates) in its own dtype: a view of the same arrays when it
+    already is one (nothing copied), otherwise one copy."""
+    if x.format == "csr" and x.has_canonical_format:
+        return sp.csr_matrix(x)
+    x = sp.csr_matrix(x, copy=True)
+    x.sum_duplicates()
+    return x
+
+
+def _sparse_calibrated_split(x: sp.csr_matrix, share: np.ndarray | sp.csr_matrix, rng) -> sp.csr_matrix:
+    """``Binomial(x, share)`` at the stored counts of canonical CSR ``x``, CSR float32 without zeros.
+
+    The draws are made ``_SPLIT_ENTRIES`` counts at a time from the one stream ``rng``, in row order: the same
+    values as one call over all counts (NumPy's binomial sampler keeps no state between calls beyond the bit
+    generator's), with the integer counts and the float64 shares held a chunk at a time."""
+    p = _share_at_counts(x, share)
+    data = np.empty(x.nnz, np.float32)
+    for start in range(0, x.nnz, _SPLIT_ENTRIES):
+        part = slice(start, min(x.nnz, start + _SPLIT_ENTRIES))
+        data[part] = rng.binomial(np.rint(x.data[part]).astype(np.int64), p[part])
+    out = sp.csr_matrix((data, x.indices.copy(), x.indptr.copy()), shape=x.shape)
+    out.eliminate_zeros()
+    return out
 
 
 def _share_at_counts(x: sp.csr_matrix, share: np.ndarray | sp.csr_matrix) -> np.ndarray:
@@ -65,25 +91,6 @@ def _share_at_counts(x: sp.csr_matrix, share: np.ndarray | sp.csr_matrix) -> np.
         return share.data
     row_of = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
     return np.asarray(share[row_of, x.indices]).ravel()
-
-
-def _canonical(x: sp.spmatrix) -> sp.csr_matrix:
-    """``x`` as canonical CSR (sorted indices, no duplicates); its own arrays when it already is one (no copy)."""
-    x = sp.csr_matrix(x)
-    if not x.has_canonical_format:
-        x = x.copy()
-        x.sum_duplicates()
-    return x
-
-
-def _binomial_stored(rng: np.random.Generator, counts: np.ndarray, share: np.ndarray) -> np.ndarray:
-    """``Binomial(rint(counts), share)`` ``(nnz,)`` float32, drawn ``SPLIT_ENTRIES`` at a time from ``rng``: the
-    same numbers as one call over all entries (the stream is consumed in entry order either way)."""
-    out = np.empty(counts.size, np.float32)
-    for start in range(0, counts.size, SPLIT_ENTRIES):
-        part = slice(start, start + SPLIT_ENTRIES)
-        out[part] = rng.binomial(np.rint(counts[part]).astype(np.int64), share[part])
-    return out
 
 
 def calibrated_split(
@@ -98,18 +105,13 @@ def calibrated_split(
     the observed entries (``share_at="observed"``; looked up entry by entry if its layout differs from the
     canonical form of ``x``). One ``numpy.random.default_rng(seed)`` stream over the stored entries in
     row order, so the result is reproducible from ``seed``; a ``Generator`` passed as ``seed`` is continued, so
-    splitting consecutive row blocks with one generator gives the numbers of one call over all rows.
-    Integer, ``0 <= out <= x``, zeros stay zero. ``return_sparse``: CSR output (default: when ``x`` is sparse).
-    This is what :meth:`scar_jax.SCAR.get_denoised_counts` returns for ``method="calibrated"`` with the same seed.
-    Memory for sparse ``x`` beyond the output CSR: ``SPLIT_ENTRIES`` x 16 bytes (and a canonical copy of ``x``
-    only if it is not canonical).
+    splitting consecutive row blocks with one generator gives the numbers of one call over all rows (what
+    ``write_denoised_counts`` does). Integer, ``0 <= out <= x``, zeros stay zero. ``return_sparse``: CSR output (default: when ``x`` is sparse). This is what
+    :meth:`scar_jax.SCAR.get_denoised_counts` returns for ``method="calibrated"`` with the same seed.
     """
     rng = np.random.default_rng(seed)
     if sp.issparse(x):
-        x = _canonical(x)
-        data = _binomial_stored(rng, x.data, _share_at_counts(x, share))
-        out = sp.csr_matrix((data, x.indices.copy(), x.indptr.copy()), shape=x.shape)
-        out.eliminate_zeros()
+        out = _sparse_calibrated_split(canonical_csr(x), share, rng)
         return out if return_sparse is None or return_sparse else out.toarray()
     out = rng.binomial(np.rint(np.asarray(x)).astype(np.int64), share).astype(np.float32)
     return sp.csr_matrix(out) if return_sparse else out

@@ -118,7 +118,18 @@ def calibrated(model, adata, indices, batch_size, n_neighbours: int, expressed_p
         options = {"n_neighbours": n_neighbours, "expressed_prior_odds": expressed_prior_odds}
         eps, share = _data.calibrate_model(model, adata, **options, batch_size=batch_size, share_at="observed")
         model._calibration_cache = None if digest is None else (model.variables, key, eps, share)
-    return eps[rows], share[rows], cells, rows
+    return eps[rows], _take_rows(share, rows), cells, rows
+
+
+def _take_rows(m, rows: np.ndarray):
+    """``m[rows]``, or ``m`` itself (nothing copied) when ``rows`` are all its rows in order (the default
+    ``indices=None``: a copy of the counts and of the share would add twice the counts to the peak memory); in-memory
+    arrays only."""
+    rows = np.asarray(rows)
+    in_memory = sp.issparse(m) or isinstance(m, np.ndarray)  # counts on disk are read by indexing
+    if in_memory and rows.shape == (m.shape[0],) and np.array_equal(rows, np.arange(m.shape[0])):
+        return m
+    return m[rows]
 
 
 def denoised_counts(model, adata, n_samples, batch_size, method, indices, seed, return_sparse, n_neighbours, odds):
@@ -129,7 +140,7 @@ def denoised_counts(model, adata, n_samples, batch_size, method, indices, seed, 
         raise ValueError(f"method must be 'split', 'split_mean', 'expected' or 'calibrated', got {method!r}")
     if method == "calibrated":
         _, share, cells, rows = calibrated(model, adata, indices, batch_size, n_neighbours, odds)
-        return calibrated_split(cells.x[rows], share, seed, return_sparse)
+        return calibrated_split(_take_rows(cells.x, rows), share, seed, return_sparse)
     if return_sparse is None:
         sparse = _data.counts_are_sparse(model.adata if adata is None else adata, model.spec)
         return_sparse = sparse and method != "expected"

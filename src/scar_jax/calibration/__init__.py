@@ -83,7 +83,14 @@ from .knn import (  # noqa: F401 (re-exported)
     pool_counts,
 )
 from .loop import MIN_EXPECTED_POOLED_COUNT, OFF_PROBABILITY_FLOOR  # noqa: F401 (re-exported)
-from .memory import available_memory, check_disk, check_memory, memory_needed, memory_terms
+from .memory import (
+    available_memory,
+    check_disk,
+    check_memory,
+    memory_needed,
+    memory_terms,
+    release_freed_memory,
+)
 from .oracle import neighbourhood_posterior
 from .share import calibrated_native_share, estimating_genes  # noqa: F401 (re-exported)
 
@@ -148,6 +155,7 @@ def calibrate(
     _check_metric(metric)
     _preflight(counts, n_neighbours, neighbour_candidates, block_entries, chunk_entries, ambient, share_at)
     neighbours = count_checked_neighbours(latent, counts, n_neighbours, neighbour_candidates, metric=metric)
+    release_freed_memory()  # the search's temporaries, before the spill and the rounds
     eps, share = calibrated_native_share(
         counts,
         neighbours,
@@ -161,6 +169,8 @@ def calibrate(
         block_entries=block_entries,
         chunk_entries=chunk_entries,
     )
+    del neighbours
+    release_freed_memory()  # the rounds' temporaries, before the caller's split
     if float(np.mean(eps)) > IMPLAUSIBLE_NOISE_RATIO:
         warnings.warn(
             f"the calibrated mean noise ratio is {np.mean(eps):.2f}: most counts are called ambient. This "
@@ -174,10 +184,12 @@ def calibrate(
 
 
 def _preflight(counts, n_neighbours, neighbour_candidates, block_entries, chunk_entries, ambient, share_at) -> None:
-    """:func:`check_memory` of :func:`memory_needed` for these counts, from their sizes only."""
+    """:func:`check_memory` of :func:`memory_needed` for these counts, from their sizes only, with the copy of
+    counts that are not canonical CSR (:func:`calibrated_native_share` works on one)."""
     n_cells, n_genes = np.shape(counts) if not sp.issparse(counts) else counts.shape
     nnz = counts.nnz if sp.issparse(counts) else n_cells * n_genes
     sparse_observed = share_at == "observed" and sp.issparse(counts)
+    profiles = np.asarray(ambient).reshape(-1, n_genes) if np.size(ambient) % max(n_genes, 1) == 0 else None
     terms = memory_terms(
         n_cells,
         n_genes,
@@ -188,5 +200,15 @@ def _preflight(counts, n_neighbours, neighbour_candidates, block_entries, chunk_
         chunk_entries=chunk_entries,
         n_batches=np.shape(ambient)[0] if np.ndim(ambient) == 2 else 1,
         share_at="observed" if sparse_observed else "all",
+        ambient_gaps=profiles is not None and bool((profiles.max(0) <= 0).any()),
     )
+    terms["canonical copy of the counts"] = _copy_bytes(counts, nnz)
     check_memory(sum(terms.values()), terms=terms)
+
+
+def _copy_bytes(counts, nnz: int) -> int:
+    """Bytes of the canonical CSR copy the calibration makes of ``counts`` (0 when they are canonical CSR)."""
+    if sp.issparse(counts) and counts.format == "csr" and counts.has_canonical_format:
+        return 0
+    itemsize = np.dtype(counts.dtype).itemsize
+    return int(nnz) * (itemsize + 8) + (np.shape(counts)[0] + 1) * 8  # values, int64 indices at most, indptr

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
 
 EXACT_KNN_MAX_CELLS = 50_000  # knn_indices: exact neighbours up to this many cells, approximate (pynndescent) above
-_KNN_DISTANCE_ENTRIES = 1 << 24  # exact neighbours: distances held per chunk of rows (128 MB of float64)
+_KNN_DISTANCE_ENTRIES = 1 << 22  # exact neighbours: distances held per chunk of rows (32 MB of float64)
 _AFFINITY_ENTRIES = 1 << 22  # hellinger_affinity: cells x genes per chunk of rows (bounds its float64 copies)
 NEIGHBOUR_CANDIDATES = 2  # count_checked_neighbours: latent candidates per neighbour kept (1: the latent ones)
 
@@ -30,7 +31,7 @@ def knn_indices(
     ``"euclidean"``: the plain distance. Cells whose latent vector is zero are left at zero.
 
     Up to ``exact_max_cells`` cells (default 50,000) the neighbours are exact, computed over chunks of
-    at most ``chunk`` rows and 2^24 distances; the cost grows as ``n^2``. Above it they are approximate:
+    at most ``chunk`` rows and 2^22 distances; the cost grows as ``n^2``. Above it they are approximate:
     nearest-neighbour descent (``pynndescent``, what ``scanpy.pp.neighbors`` uses), seeded by ``seed`` so
     that the result is reproducible.
     """
@@ -48,7 +49,10 @@ def knn_indices(
     out = np.empty((n, k), dtype=np.int64)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
-        d = sq[rows, None] + sq[None, :] - 2.0 * z[rows] @ z.T
+        d, product = sq[rows, None] + sq[None, :], z[rows] @ z.T
+        product *= 2.0
+        d -= product  # the same values as sq + sq - 2 z z^T, two chunk arrays instead of four
+        del product
         d[np.arange(d.shape[0]), np.arange(rows.start, rows.stop)] = -np.inf  # self first
         part = np.argpartition(d, k - 1, axis=1)[:, :k]
         order = np.argsort(np.take_along_axis(d, part, 1), axis=1, kind="stable")
@@ -67,9 +71,11 @@ def _approximate_knn(z: np.ndarray, k: int, seed: int) -> np.ndarray:
 
     n = z.shape[0]
     index = NNDescent(z.astype(np.float32), metric="euclidean", n_neighbors=k, random_state=int(seed))
-    found = np.asarray(index.neighbor_graph[0], dtype=np.int64)
+    found = index.neighbor_graph[0].astype(np.int64)
+    del index  # its graph, forest and data, before the fix-ups below
+    unfilled = np.nonzero(found < 0)
+    found[unfilled] = unfilled[0]  # a neighbour the search did not fill: the cell itself
     own = np.arange(n)
-    found = np.where(found < 0, own[:, None], found)  # a neighbour the search did not fill: the cell itself
     for i in np.flatnonzero(found[:, 0] != own):  # duplicates of a vector can come before the cell itself
         others = found[i][found[i] != i]
         found[i] = np.r_[i, others[: k - 1], np.full(max(0, k - 1 - others.size), i)]
@@ -98,7 +104,8 @@ def count_checked_neighbours(
 
     Cost: the latent search for ``candidates * k`` neighbours, then ``O(candidates * k * nnz)`` for the
     affinities (one sparse product per candidate rank); memory: the ``(n, candidates * k)`` latent candidates
-    and float64 affinities, and float64 copies of a chunk of rows (:func:`hellinger_affinity`).
+    and the ``(n, k)`` result; the float64 affinities, their order and the float64 copies of the counts for one
+    chunk of rows at a time (:func:`hellinger_affinity`).
     """
     n = np.shape(latent)[0]
     k = min(int(k), n)
@@ -107,10 +114,12 @@ def count_checked_neighbours(
     pool = knn_indices(latent, min(n, int(candidates) * k), metric=metric, seed=seed)
     if pool.shape[1] == k:
         return pool
-    affinity = hellinger_affinity(counts, pool)
-    affinity[:, 0] = np.inf  # the cell itself first
-    order = np.argsort(-affinity, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(pool, order, 1)
+    out = np.empty((n, k), dtype=pool.dtype)
+    for rows, affinity in _affinity_chunks(counts, pool):  # ranked chunk by chunk: no (n, m) affinity or order
+        affinity[:, 0] = np.inf  # the cell itself first
+        order = np.argsort(-affinity, axis=1, kind="stable")[:, :k]
+        out[rows] = np.take_along_axis(pool[rows], order, 1)
+    return out
 
 
 def hellinger_affinity(counts: np.ndarray | sp.spmatrix, pairs: np.ndarray) -> np.ndarray:
@@ -118,6 +127,15 @@ def hellinger_affinity(counts: np.ndarray | sp.spmatrix, pairs: np.ndarray) -> n
 
     Computed in chunks of rows of ``pairs``: the float64 square roots are made only for the rows a chunk
     reads (at most ``_AFFINITY_ENTRIES`` cells x genes per chunk and candidate rank), not for all counts."""
+    out = np.empty(np.shape(pairs), dtype=np.float64)
+    for rows, affinity in _affinity_chunks(counts, pairs):
+        out[rows] = affinity
+    return out
+
+
+def _affinity_chunks(counts: np.ndarray | sp.spmatrix, pairs: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """:func:`hellinger_affinity` chunk of rows by chunk of rows: each chunk's rows of ``pairs`` and its
+    ``(rows, m)`` float64 affinities."""
     x = counts if sp.issparse(counts) else sp.csr_matrix(np.asarray(counts))
     x = sp.csr_matrix(x)
     n, n_genes = x.shape
@@ -132,13 +150,13 @@ def hellinger_affinity(counts: np.ndarray | sp.spmatrix, pairs: np.ndarray) -> n
         m.data = np.sqrt(m.data) * np.repeat(scale[rows], np.diff(m.indptr))
         return m
 
-    out = np.empty(pairs.shape, dtype=np.float64)
     for start in range(0, pairs.shape[0], step):
         rows = slice(start, min(pairs.shape[0], start + step))
         own = roots(np.arange(rows.start, rows.stop))
+        affinity = np.empty((rows.stop - rows.start, pairs.shape[1]), dtype=np.float64)
         for rank in range(pairs.shape[1]):
-            out[rows, rank] = np.asarray(own.multiply(roots(pairs[rows, rank])).sum(axis=1)).ravel()
-    return out
+            affinity[:, rank] = np.asarray(own.multiply(roots(pairs[rows, rank])).sum(axis=1)).ravel()
+        yield rows, affinity
 
 
 def pool_counts(x: np.ndarray | sp.spmatrix, neighbours: np.ndarray) -> np.ndarray:

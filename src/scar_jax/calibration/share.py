@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from ..denoise import canonical_csr
 from .blocks import BLOCK_ENTRIES, CHUNK_ENTRIES, ENTRY_BYTES, EntryStore, stored_entries_bound
 from .loop import _DTYPE, MIN_EXPECTED_POOLED_COUNT, _Cells, _fit, _parameters, _share_dense, _shares
 from .memory import check_disk
@@ -46,8 +47,9 @@ def calibrated_native_share(
     ``c < 1`` the reverse; ``w`` is non-decreasing in ``c``. It enters only the final share, not the fit.
 
     ``share_at="all"``: ``w`` dense ``(n, G)`` float64; ``"observed"``, for sparse ``x``: ``w`` only where ``x``
-    stores an entry, CSR float32 with the pattern of ``x`` (duplicates summed, indices sorted). Memory (the contract;
-    :func:`scar_jax.calibration.memory_needed` in bytes): the stored pooled entries are spilled once to a
+    stores an entry, CSR float32 with the pattern of ``x`` (duplicates summed, indices sorted; the index arrays of
+    ``x``'s canonical form, shared, not copied). Memory (the contract; :func:`scar_jax.calibration.memory_needed`
+    in bytes): the stored pooled entries are spilled once to a
     temporary directory (``ENTRY_BYTES`` = 21 an entry) and read back each round in blocks of ``block_entries``.
     Beyond ``x`` (not copied when canonical CSR) and the result, it holds the per-cell vectors (``n x (k + c)``
     words), at most three blocks (``3 x 21`` bytes an entry on the host, about 64 of device temporaries),
@@ -97,13 +99,7 @@ def _positive(value: int, name: str) -> int:
 def _canonical(x: np.ndarray | sp.spmatrix) -> sp.csr_matrix:
     """``x`` as canonical CSR (sorted indices, no duplicates; the pattern of the "observed" share), in its own
     dtype: not copied when it already is one, otherwise one copy."""
-    if not sp.issparse(x):
-        return sp.csr_matrix(np.asarray(x))
-    if x.format == "csr" and x.has_canonical_format:
-        return sp.csr_matrix(x)  # a view of the same arrays
-    x = sp.csr_matrix(x, copy=True)
-    x.sum_duplicates()
-    return x
+    return canonical_csr(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
 
 
 def _check_knobs(expressed_prior_odds: float, share_at: str) -> float:
@@ -169,12 +165,13 @@ def _dense_share(fitted: tuple, block: int, chunk: int, shape, support: np.ndarr
 
 
 def _observed_share(fitted: tuple, block: int, x: sp.csr_matrix, support: np.ndarray) -> sp.csr_matrix:
-    """The share at the entries of canonical CSR ``x`` (its pattern; float32 values, int32 or int64 indices as
-    ``x``'s), block by block, and 1 at the counts of genes no ambient profile can produce (not in ``support``)."""
+    """The share at the entries of canonical CSR ``x`` (its pattern: float32 values and ``x``'s own index arrays,
+    shared, not copied), block by block, and 1 at the counts of genes no ambient profile can produce (not in
+    ``support``)."""
     eps, p, cells, store, alpha, odds = fitted
     data = np.ones(x.nnz, np.float32)  # the shares are float32 on the device: float64 would only double the result
     producible = None if support.all() else support[x.indices]
-    values = data if producible is None else np.empty(int(np.count_nonzero(producible)))
+    values = data if producible is None else np.empty(int(np.count_nonzero(producible)), np.float32)
     at = 0
     for entries, shares, size in _shares(eps, p, cells, store, alpha, odds, block):
         got = shares[:size][entries["own"][:size].astype(bool)]
@@ -182,7 +179,7 @@ def _observed_share(fitted: tuple, block: int, x: sp.csr_matrix, support: np.nda
         at += got.size
     if producible is not None:
         data[producible] = values
-    return sp.csr_matrix((data, x.indices.copy(), x.indptr.copy()), shape=x.shape)
+    return sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape)  # x's index arrays, shared (not copied)
 
 
 def _producible_library(

@@ -211,8 +211,9 @@ def _place_cells(
     """``(train_epoch, evaluate, data, train_rows, validation_rows, placement)`` for the cells: resident on one
     device, replicated over several, sharded over processes, or streamed in blocks (sparse or on disk).
 
-    Resident cells carry their parameter-free log-likelihood (:func:`scar_jax.likelihoods.cell_log_constants`,
-    float64 rounded once to float32) when ``gene_likelihood`` has one; the other placements evaluate it per entry.
+    Resident and streamed cells carry their parameter-free log-likelihood
+    (:func:`scar_jax.likelihoods.cell_log_constants`, float64 rounded once to float32) when ``gene_likelihood`` has
+    one; cells sharded over processes evaluate it per entry.
     """
     from . import backed, distributed  # imported when used: backed brings in anndata, not needed to train
     from .counts import to_device
@@ -238,6 +239,7 @@ def _place_cells(
             cells.max_count,
             placement,
             batch_size,
+            gene_likelihood,
         )
         return train_epoch, evaluate, None, train_idx, np.empty(len(val_idx)), placement
     if multi_process:  # each process reads its own rows (also from disk) onto its own devices

@@ -316,13 +316,14 @@ def cell_log_constants(
     gene_likelihood: GeneLikelihood,
     counts: np.ndarray | sp.spmatrix | sp.sparray,
     library: np.ndarray | None = None,
-    chunk_entries: int = 1 << 24,
+    chunk_entries: int = 1 << 20,
 ) -> np.ndarray:
     """``sum_g c(x_ig)`` for every cell, in float64 from the non-zeros (``c(0) = 0``; module docstring).
 
     ``c(x) = lgamma(N + 1) - lgamma(x + 1) - lgamma(N - x + 1)`` for ``"b"`` (``N`` the cell's library
     rounded to an integer, as :func:`make_likelihood` does), ``-lgamma(x + 1)`` for ``"poisson"``, 0 for
-    ``"nb"`` and ``"zinb"``. Computed in blocks of rows of at most ``chunk_entries`` entries (dense size).
+    ``"nb"`` and ``"zinb"``. Computed in blocks of rows of at most ``chunk_entries`` entries (dense size), so the
+    temporaries (a few float64 arrays of the block's non-zeros) stay below about ``40 * chunk_entries`` bytes.
 
     Parameters
     ----------

@@ -13,8 +13,9 @@ split is passed to scvi-tools with ``external_indexing``), and train both on the
 Printed per run:
 
 * training cells/s (training cells x epochs / seconds): scvi-tools (wall time of ``train``), scar-jax
-  cold (wall time of ``train`` including compilation) and warm (the same configuration compiled by a
-  previous run, which is the cost of every later model of that shape); the ratio is warm / scvi-tools.
+  warm (the same configuration compiled by a previous run, which is the cost of every later model of that
+  shape) and cold (including compilation), one row per ``--precisions`` entry (``matmul_precision``:
+  ``float32`` and ``bfloat16`` by default); the ratio is warm cells/s / scvi-tools cells/s.
   With ``--repeats k`` each is trained k times from scratch and the fastest run counts (on a shared
   machine, other jobs only ever slow a run down). scar-jax's time includes a validation pass per epoch,
   scvi-tools' does not (it validates only when asked, e.g. for early stopping);
@@ -48,8 +49,17 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# long: one comparison, each step a few lines (simulate, scar-jax per precision, scvi-tools, evaluate, denoise)
 def run(
-    n_cells: int, n_genes: int, likelihood: str, epochs: int, batch_size: int, ambient: str, seed: int, repeats: int
+    n_cells: int,
+    n_genes: int,
+    likelihood: str,
+    epochs: int,
+    batch_size: int,
+    ambient: str,
+    seed: int,
+    repeats: int,
+    precisions: tuple[str, ...] = ("float32",),
 ) -> dict:
     import scvi
     import torch
@@ -66,22 +76,26 @@ def run(
     native = adata.layers["native"]
     train_args = {"max_epochs": epochs, "batch_size": batch_size, "train_size": 0.9, "accelerator": "cpu"}
 
-    # scar-jax: a warm-up model compiles the configuration; the timed model reuses the compiled epoch
-    SCAR.setup_anndata(adata)
-    t0 = time.perf_counter()
-    cold = SCAR(adata, ambient_profile=profile, gene_likelihood=likelihood, seed=seed + 1)
-    cold.train(**{**train_args, "max_epochs": 1}, enable_progress_bar=False)
-    cold_one_epoch = time.perf_counter() - t0
-    jax_walls = []
-    for _ in range(repeats):  # the first model is the one evaluated below
-        trained = SCAR(adata, ambient_profile=profile, gene_likelihood=likelihood, seed=seed)
+    # scar-jax, per matmul precision: a warm-up model compiles the configuration; the timed models reuse it
+    jax_runs = {}
+    for precision in precisions:
+        options = {"gene_likelihood": likelihood, "matmul_precision": precision}
+        SCAR.setup_anndata(adata)
         t0 = time.perf_counter()
-        trained.train(**train_args, enable_progress_bar=False)
-        if not jax_walls:
-            model = trained
-        jax_walls.append(time.perf_counter() - t0)
-    jax_wall = min(jax_walls)
-    jax_compile_s = max(0.0, cold_one_epoch - jax_wall / epochs)  # first epoch's excess over a warm one
+        cold = SCAR(adata, ambient_profile=profile, seed=seed + 1, **options)
+        cold.train(**{**train_args, "max_epochs": 1}, enable_progress_bar=False)
+        cold_one_epoch = time.perf_counter() - t0
+        walls = []
+        for _ in range(repeats):  # the first model is the one evaluated below
+            trained = SCAR(adata, ambient_profile=profile, seed=seed, **options)
+            t0 = time.perf_counter()
+            trained.train(**train_args, enable_progress_bar=False)
+            if not walls:
+                first = trained
+            walls.append(time.perf_counter() - t0)
+        # compile time: the first epoch's excess over a warm one
+        jax_runs[precision] = (first, walls, max(0.0, cold_one_epoch - min(walls) / epochs))
+    model = jax_runs[precisions[0]][0]
     train_idx, val_idx = model.train_indices, model.validation_indices
 
     # scvi-tools, on the same training and validation cells
@@ -117,16 +131,24 @@ def run(
         "scvi-tools": smodel.get_denoised_counts(batch_size=1024),
     }
     true_noise = adata.obs["noise_ratio"].to_numpy()
+    n_cells_trained = n_train * epochs
+    precision_rows = {
+        precision: {
+            "cells_s": n_cells_trained / min(walls),
+            "cold_cells_s": n_cells_trained / (min(walls) + compile_s),
+            "compile_s": compile_s,
+            "elbo": trained.get_elbo(indices=val_idx, seed=seed),
+            "runs": [n_cells_trained / w for w in walls],
+        }
+        for precision, (trained, walls, compile_s) in jax_runs.items()
+    }
     return {
+        "precisions": precision_rows,
         "size": f"{n_cells}x{n_genes}",
         "likelihood": likelihood,
         "epochs": epochs,
         "n_train": n_train,
         "scvi_cells_s": n_train * epochs / scvi_wall,
-        "jax_cold_cells_s": n_train * epochs / (jax_wall + jax_compile_s),
-        "jax_warm_cells_s": n_train * epochs / jax_wall,
-        "jax_compile_s": jax_compile_s,
-        "elbo_jax": model.get_elbo(indices=val_idx, seed=seed),
         "elbo_scvi": imported.get_elbo(indices=val_idx, seed=seed),
         "elbo_scvi_own": scvi_elbo_own,
         "noise_r_jax": pearson(model.get_noise_ratio(), true_noise),
@@ -134,7 +156,6 @@ def run(
         "denoising": {name: denoising_metrics(raw, d, native) for name, d in denoise.items()},
         "torch_threads": torch.get_num_threads(),
         "scvi_runs": [n_train * epochs / w for w in scvi_walls],
-        "jax_runs": [n_train * epochs / w for w in jax_walls],
     }
 
 
@@ -146,6 +167,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--ambient", choices=["true", "mean"], default="true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "tensorfloat32", "bfloat16"],
+        help="scar-jax's matmul_precision, one row each (the first is the model evaluated for denoising)",
+    )
     parser.add_argument(
         "--repeats", type=int, default=1, help="train each model this many times and time the fastest (noisy machines)"
     )
@@ -166,30 +194,46 @@ def main() -> None:
     for size in args.sizes:
         n_cells, n_genes = (int(v) for v in size.lower().split("x"))
         for likelihood in args.likelihoods:
-            r = run(n_cells, n_genes, likelihood, args.epochs, args.batch_size, args.ambient, args.seed, args.repeats)
+            r = run(
+                n_cells,
+                n_genes,
+                likelihood,
+                args.epochs,
+                args.batch_size,
+                args.ambient,
+                args.seed,
+                args.repeats,
+                tuple(args.precisions),
+            )
             results.append(r)
+            jax_runs = "; ".join(
+                f"scar-jax {k} (warm) {', '.join(f'{v:,.0f}' for v in p['runs'])}" for k, p in r["precisions"].items()
+            )
             print(
                 f"  done {r['size']} {likelihood}: cells/s of each run: scvi-tools "
-                f"{', '.join(f'{v:,.0f}' for v in r['scvi_runs'])}; scar-jax (warm) "
-                f"{', '.join(f'{v:,.0f}' for v in r['jax_runs'])}",
+                f"{', '.join(f'{v:,.0f}' for v in r['scvi_runs'])}; {jax_runs}",
                 flush=True,
             )
 
     print("\nTraining throughput (training cells x epochs / s) and held-out ELBO per cell (validation cells)")
     header = (
-        f"{'size':>11} {'lik':>4} {'ep':>3} {'scvi c/s':>9} {'jax cold':>9} {'jax warm':>9} {'ratio':>6} "
-        f"{'compile s':>9} {'ELBO jax':>10} {'ELBO scvi':>10} {'(scvi own)':>10} {'r_eps jax':>9} {'r_eps scvi':>10}"
+        f"{'size':>11} {'lik':>4} {'ep':>3} {'implementation':>20} {'cells/s':>9} {'ratio':>6} {'cold c/s':>9} "
+        f"{'compile s':>9} {'ELBO':>10} {'r_eps':>6}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
+        lead = f"{r['size']:>11} {r['likelihood']:>4} {r['epochs']:>3}"
         print(
-            f"{r['size']:>11} {r['likelihood']:>4} {r['epochs']:>3} {r['scvi_cells_s']:>9,.0f} "
-            f"{r['jax_cold_cells_s']:>9,.0f} {r['jax_warm_cells_s']:>9,.0f} "
-            f"{r['jax_warm_cells_s'] / r['scvi_cells_s']:>5.1f}x {r['jax_compile_s']:>9.1f} "
-            f"{r['elbo_jax']:>10.1f} {r['elbo_scvi']:>10.1f} {r['elbo_scvi_own']:>10.1f} "
-            f"{r['noise_r_jax']:>9.3f} {r['noise_r_scvi']:>10.3f}"
+            f"{lead} {'scvi-tools':>20} {r['scvi_cells_s']:>9,.0f} {1.0:>5.1f}x {'':>9} {'':>9} "
+            f"{r['elbo_scvi']:>10.1f} {r['noise_r_scvi']:>6.3f}   (scvi-tools' own get_elbo: {r['elbo_scvi_own']:.1f})"
         )
+        for precision, p in r["precisions"].items():
+            print(
+                f"{lead} {'scar-jax ' + precision:>20} {p['cells_s']:>9,.0f} {p['cells_s'] / r['scvi_cells_s']:>5.1f}x "
+                f"{p['cold_cells_s']:>9,.0f} {p['compile_s']:>9.1f} {p['elbo']:>10.1f}"
+                + (f" {r['noise_r_jax']:>6.3f}" if precision == args.precisions[0] else "")
+            )
     print("\nDenoising against the simulated native counts")
     header = (
         f"{'size':>11} {'lik':>4} {'method':>18} {'L1 impr.':>9} {'amb. rem.':>9} {'native ret.':>11} "

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.sparse as sparse
 import scipy.special as sp
 import scipy.stats as st
 
@@ -13,6 +14,8 @@ from scar_jax.likelihoods import (
     NB_EPS,
     PROBS_EPS,
     NegativeBinomialEps,
+    cell_log_constants,
+    log_prob_kernel,
     log_prob_torch_rounding,
     make_likelihood,
     mixture_probs,
@@ -338,3 +341,71 @@ def test_torch_rounding_binomial_equals_torch_bitwise_mostly():
 def test_torch_rounding_unknown_likelihood_raises():
     with pytest.raises(ValueError, match="gene_likelihood"):
         log_prob_torch_rounding("zip", np.zeros((1, 2)), np.full((1, 2), 0.5), np.ones((1, 1)))
+
+
+# ---------------------------------------------------------------- kernel and parameter-free part
+
+
+def _reference_log_prob(kind, x, probs, library, theta):
+    """float64 log-probabilities: scipy.stats (binomial, Poisson), scvi-tools' eps-stable NB formula (NB)."""
+    if kind == "b":
+        return st.binom.logpmf(x, library, probs)
+    if kind == "poisson":
+        return st.poisson.logpmf(x, library * probs)
+    return np_log_nb_positive(x, library * probs, theta)
+
+
+@pytest.mark.parametrize("kind", ["b", "poisson", "nb"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kernel_plus_cell_constant_is_scipy_log_prob(kind, dtype):
+    """``sum_g log_prob_kernel + cell_log_constants`` = ``sum_g`` of the float64 log-pmf per cell (scipy; NB: the
+    eps-stable formula, ``c = 0``).
+    Tolerance relative to the summed terms' size ``|kernel| + |c|``: 1e-10 in float64; in float32 8 ulps (1e-5 for
+    the NB, whose float32 kernel is the whole log-probability)."""
+    rng, probs, library, theta, _ = _inputs(41, library_range=(5, 60) if kind == "nb" else (5, 3000))
+    x = rng.binomial(library.astype(np.int64), probs).astype(np.float64)
+    x[0, :3] = 0.0
+    library = x.sum(-1, keepdims=True) if kind == "b" else library  # the binomial's total is the observed library
+    want = _reference_log_prob(kind, x, probs, library, theta).sum(-1)
+    constant = cell_log_constants(kind, sparse.csr_matrix(x), library)
+    with jax.enable_x64(dtype == "float64"):
+        cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+        law = make_likelihood(kind, cast(probs), cast(library), cast(theta))
+        kernel = np.asarray(log_prob_kernel(law, cast(x)).sum(-1), np.float64)
+    if kind == "nb":
+        np.testing.assert_array_equal(constant, 0.0)
+    scale = np.abs(kernel) + np.abs(constant)
+    # float32 NB: its own rounding (log(theta + mu) terms, test_nb_vs_scipy), not the split's
+    tol = 1e-10 if dtype == "float64" else 1e-5 if kind == "nb" else 8 * float(np.finfo(np.float32).eps)
+    assert np.all(np.abs(kernel + constant - want) <= tol * scale)
+
+
+@pytest.mark.parametrize("kind", ["b", "poisson", "nb", "zinb"])
+def test_cell_log_constants_vs_scipy_dense_sparse_and_chunked(kind):
+    """``c`` per cell against scipy: ``log pmf(x) - (x log p + (N - x) log(1 - p))`` (binomial), ``log pmf(x) -
+    (x log mu - mu)`` (Poisson), 0 (NB, ZINB); dense, CSR (with a duplicate entry) and one row per chunk agree."""
+    rng = np.random.default_rng(5)
+    x = rng.poisson(rng.gamma(0.5, 8.0, size=(6, 9))).astype(np.float64)
+    x[2] = 0.0
+    library = x.sum(-1, keepdims=True) + (kind != "b") * 3.0
+    p, mu = 0.3, 2.5
+    if kind == "b":
+        want = (st.binom.logpmf(x, library, p) - x * np.log(p) - (library - x) * np.log1p(-p)).sum(-1)
+    elif kind == "poisson":
+        want = (st.poisson.logpmf(x, mu) - x * np.log(mu) + mu).sum(-1)
+    else:
+        want = np.zeros(6)
+    dense = cell_log_constants(kind, x, library)
+    np.testing.assert_allclose(dense, want, rtol=1e-12, atol=1e-10)
+    assert dense[2] == 0.0  # a cell without counts
+    duplicated = sparse.csr_matrix((np.r_[x[0, 0] - 1.0, 1.0], (np.r_[0, 0], np.r_[0, 0])), shape=x.shape)
+    csr = sparse.csr_matrix(x) - sparse.csr_matrix(duplicated.toarray()) + duplicated  # same values, two entries
+    csr = sparse.csr_matrix((csr.data, csr.indices, csr.indptr), shape=x.shape)
+    np.testing.assert_allclose(cell_log_constants(kind, csr, library, chunk_entries=9), want, rtol=1e-12, atol=1e-10)
+
+
+def test_cell_log_constants_arguments():
+    with pytest.raises(ValueError, match="library"):
+        cell_log_constants("b", np.ones((2, 3)))
+    with pytest.raises(ValueError, match="gene_likelihood"):
+        cell_log_constants("gaussian", np.ones((2, 3)))

@@ -110,6 +110,35 @@ def test_evaluate_matches_direct_loss_terms(training_setup):
     np.testing.assert_allclose(float(sums.loss) / 50, float(terms.loss), rtol=1e-5)
 
 
+def test_epoch_and_validation_with_precomputed_constants(training_setup):
+    """Resident data carrying each cell's ``log C(N, x)`` sum (binomial; ``CellData.log_constant``), the step evaluating
+    the kernel alone: the same parameters after an epoch, bit for bit (``c`` has no gradient), and epoch and validation
+    sums within float32 rounding of the full formula's (8 ulps of the summed terms' size, ``|rec| + sum |c|``)."""
+    from scar_jax.likelihoods import cell_log_constants
+
+    net, config, data, ambient, _, epoch_fn, rows, fresh_state = training_setup
+    assert config.gene_likelihood == "b"
+    x = np.asarray(data.counts.take(jnp.arange(300, dtype=jnp.int32)), np.float64)
+    constants = cell_log_constants("b", x, np.asarray(data.library))
+    assert constants.min() >= 0.0 and constants.sum() > 1e3  # log C(N, x) >= 0, and not trivial here
+    diet = data._replace(log_constant=jnp.asarray(constants, jnp.float32))
+    state_full, sums_full = epoch_fn(fresh_state(), data, rows, ambient, jnp.float32(0.3))
+    state_diet, sums_diet = epoch_fn(fresh_state(), diet, rows, ambient, jnp.float32(0.3))
+    for a, b in zip(jax.tree.leaves(state_diet.params), jax.tree.leaves(state_full.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    evaluate = train.make_evaluate(net, config, 32)
+    val_rows = jnp.arange(250, 300, dtype=jnp.int32)
+    key = jax.random.key(3)
+    val_full = evaluate(state_full.variables, data, val_rows, ambient, jnp.float32(1.0), key)
+    val_diet = evaluate(state_full.variables, diet, val_rows, ambient, jnp.float32(1.0), key)
+    f32 = float(np.finfo(np.float32).eps)
+    for full, kept, c in ((sums_full, sums_diet, constants[:250]), (val_full, val_diet, constants[250:])):
+        rounding = 8 * f32 * (abs(float(full.reconstruction_loss)) + np.abs(c).sum())
+        assert abs(float(kept.reconstruction_loss) - float(full.reconstruction_loss)) <= rounding
+        assert abs(float(kept.loss) - float(full.loss)) <= rounding
+        assert float(kept.kl_local) == float(full.kl_local) and float(kept.n_cells) == float(full.n_cells)
+
+
 DATA_PARALLEL_SCRIPT = r"""
 import json, os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.special as sp
 
+from scar_jax.likelihoods import cell_log_constants
 from scar_jax.nets import SCARNet
 from scar_jax.vae import (
     Batch,
@@ -370,3 +371,42 @@ def test_gradient_wrt_ambient_profile(lik):
     h = 1e-3
     fd = (float(loss(ambient + h * direction)) - float(loss(ambient - h * direction))) / (2 * h)
     assert float(np.sum(g * np.asarray(direction))) == pytest.approx(fd, rel=2e-2)
+
+
+# ---------------------------------------------------------------- the parameter-free part, precomputed
+
+
+@pytest.mark.parametrize("lik", ["b", "poisson", "nb"])
+def test_precomputed_constant_same_loss_and_gradient(lik):
+    """``Batch.log_constant`` (each cell's ``sum_g c(x_ig)``, float64 rounded to float32) instead of ``c`` per entry:
+    the reconstruction loss within rtol 1e-5 of the float64 model and within float32 rounding of it and of the
+    full formula's (a few ulps of ``|rec| + |c|``, the size of the summed terms); the gradient bit for bit the
+    full formula's (``c`` has none: the backward pass is the same computation)."""
+    config = _config(lik, "normal", 2)
+    net, variables = _randomised_variables(config, 21)
+    batch, ambient = _data(22, 2)
+    constants = cell_log_constants(lik, np.asarray(batch.x), np.asarray(batch.library))
+    diet = batch._replace(log_constant=jnp.asarray(constants, jnp.float32))
+    key = jax.random.key(5)
+
+    def loss(params, b):
+        v = {"params": params, "batch_stats": variables["batch_stats"]}
+        terms, _ = loss_terms(net, config, v, b, ambient, key, KL_WEIGHT, train=True)
+        return terms.loss, terms
+
+    (_, full), grad_full = jax.value_and_grad(loss, has_aux=True)(variables["params"], batch)
+    (_, kept), grad_kept = jax.value_and_grad(loss, has_aux=True)(variables["params"], diet)
+    rec64, _, loss64, _ = np_model(
+        config, variables, batch.x, batch.library, batch.batch_index, ambient, _noise(key), True
+    )
+    rec = np.asarray(kept.reconstruction_loss, np.float64)
+    np.testing.assert_allclose(rec, rec64, rtol=RTOL)
+    np.testing.assert_allclose(float(kept.loss), loss64, rtol=RTOL)
+    # float32 rounding of sums whose terms are of size |rec| + |c|: the precomputed constant is the closer to float64
+    rounding = F32_EPS * (np.abs(rec64) + np.abs(constants))
+    assert np.all(np.abs(rec - rec64) <= 2 * rounding)
+    assert np.all(np.abs(rec - np.asarray(full.reconstruction_loss, np.float64)) <= 8 * rounding)
+    if lik == "nb":  # c = 0: the same computation
+        np.testing.assert_array_equal(rec, np.asarray(full.reconstruction_loss, np.float64))
+    for a, b in zip(jax.tree.leaves(grad_kept), jax.tree.leaves(grad_full), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -33,6 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .counts import CsrCounts, aligned_empty, narrow_dtypes
+from .likelihoods import cell_log_constants, has_log_constant
 
 DEFAULT_BLOCK_CELLS = 65_536
 
@@ -170,6 +171,7 @@ class HostBlock(NamedTuple):
     library: np.ndarray  # (row_capacity, 1) float32
     batch_index: np.ndarray  # (row_capacity,) int32
     rows: np.ndarray  # (len(group),) int32: the selected cells, relative to the span's first row
+    log_constant: np.ndarray | None = None  # (row_capacity,) float32: each row's sum_g c(x_g), or None
 
 
 def read_block(
@@ -180,8 +182,11 @@ def read_block(
     batch_index: np.ndarray,
     index_dtype: type,
     data_dtype: type,
+    gene_likelihood: str | None = None,
 ) -> HostBlock:
-    """Read the file rows spanned by ``group`` and pad them to the plan's capacities (host side)."""
+    """Read the file rows spanned by ``group`` and pad them to the plan's capacities (host side); with a
+    ``gene_likelihood`` that has one, each row's parameter-free log-likelihood too
+    (:func:`scar_jax.likelihoods.cell_log_constants`, the values the resident data would carry)."""
     first, stop = int(group[0]), int(group[-1]) + 1
     block = counts[first:stop]
     if not block.has_canonical_format:
@@ -192,6 +197,10 @@ def read_block(
                 "canonical CSR matrix (X.sum_duplicates())"
             )
     n_rows, nnz = stop - first, block.nnz
+    constant = None
+    if gene_likelihood is not None and has_log_constant(gene_likelihood):
+        constant = np.zeros(plan.row_capacity, np.float32)
+        constant[:n_rows] = cell_log_constants(gene_likelihood, block, library[first:stop])
     # filled straight into 64-byte aligned buffers: on the CPU backend they become the device arrays
     indptr = aligned_empty(plan.row_capacity + 1, np.int32)
     indptr[: n_rows + 1] = block.indptr
@@ -207,7 +216,7 @@ def read_block(
     lib[:n_rows] = library[first:stop]
     bidx = np.zeros(plan.row_capacity, np.int32)
     bidx[:n_rows] = batch_index[first:stop]
-    return HostBlock(indptr, indices, data, lib, bidx, (group - first).astype(np.int32))
+    return HostBlock(indptr, indices, data, lib, bidx, (group - first).astype(np.int32), constant)
 
 
 def blocks_on_device(
@@ -218,12 +227,14 @@ def blocks_on_device(
     batch_index: np.ndarray,
     dtypes: tuple[type, type],
     device: Any,
+    gene_likelihood: str | None = None,
 ) -> Iterator[tuple[Any, jax.Array]]:
-    """``(CellData, local rows)`` for the plan's blocks in ``order``; the next block is read in the background."""
+    """``(CellData, local rows)`` for the plan's blocks in ``order``; the next block is read in the background.
+    ``gene_likelihood``: the blocks carry each cell's parameter-free log-likelihood (:func:`read_block`)."""
     from .train import CellData
 
     max_row_nnz = int(np.diff(counts.indptr).max(initial=0))
-    reads = (read_block(counts, plan.groups[i], plan, library, batch_index, *dtypes) for i in order)
+    reads = (read_block(counts, plan.groups[i], plan, library, batch_index, *dtypes, gene_likelihood) for i in order)
     for block in prefetch(reads, depth=1):  # host memory: this block, the next one, one being read
         csr = CsrCounts(
             jax.device_put(block.indptr, device),
@@ -232,7 +243,8 @@ def blocks_on_device(
             n_genes=counts.shape[1],
             max_row_nnz=max_row_nnz,
         )
-        data = CellData(csr, jax.device_put(block.library, device), jax.device_put(block.batch_index, device))
+        constant = None if block.log_constant is None else jax.device_put(block.log_constant, device)
+        data = CellData(csr, jax.device_put(block.library, device), jax.device_put(block.batch_index, device), constant)
         yield data, jax.device_put(block.rows, device)
 
 
@@ -248,8 +260,10 @@ def streamed_training(
     max_count: float,
     device: Any,
     batch_size: int = 128,
+    gene_likelihood: str | None = None,
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """``(epoch, evaluate)`` with the signatures :func:`scar_jax.fit.fit` expects, streaming blocks from disk.
+    With ``gene_likelihood`` the blocks carry each cell's parameter-free log-likelihood, as resident data do.
 
     The block order of an epoch is a permutation drawn from ``(state.key, state.step)``, like every other
     random choice of training; the ``data`` and ``rows`` arguments ``fit`` passes are ignored.
@@ -267,7 +281,8 @@ def streamed_training(
         key = jax.random.fold_in(jax.random.fold_in(state.key, 3), state.step)
         order = np.asarray(jax.random.permutation(key, len(train_plan.groups)))
         total = None
-        for data, rows in blocks_on_device(counts, train_plan, order, library, batch_index, dtypes, device):
+        blocks = blocks_on_device(counts, train_plan, order, library, batch_index, dtypes, device, gene_likelihood)
+        for data, rows in blocks:
             state, sums = train_epoch(state, data, rows, ambient_profile, kl_weight)
             total = add(total, sums)
         return state, total
@@ -275,7 +290,7 @@ def streamed_training(
     def streamed_evaluate(variables, _data, _rows, ambient_profile, kl_weight, key):
         total = None
         order = np.arange(len(val_plan.groups))
-        blocks = blocks_on_device(counts, val_plan, order, library, batch_index, dtypes, device)
+        blocks = blocks_on_device(counts, val_plan, order, library, batch_index, dtypes, device, gene_likelihood)
         for i, (data, rows) in enumerate(blocks):  # cell keys fold in local rows: one stream per block
             block_key = key if len(order) == 1 else jax.random.fold_in(key, i)
             total = add(total, evaluate(variables, data, rows, ambient_profile, kl_weight, block_key))

@@ -64,18 +64,20 @@ class CsrCounts(flax.struct.PyTreeNode):
 
         Row ``r``'s entries are ``indptr[rows[r]] + j`` for ``j < max_row_nnz``, valid where ``j`` is below
         the row's length: a ``(len(rows), max_row_nnz)`` gather (the padded format's work, without storing
-        the padding) scattered into the dense block; invalid slots add 0.
+        the padding) written into the dense block; invalid slots point past the last column and are dropped.
+        The write is a scatter with unique, sorted indices: each stored row's columns must be unique and
+        increasing (canonical CSR, as :func:`to_device` and the streamed blocks make it).
         """
         starts = self.indptr[rows]
         lengths = self.indptr[rows + 1] - starts
         slot = jnp.arange(max(self.max_row_nnz, 1), dtype=starts.dtype)
         valid = slot[None, :] < lengths[:, None]
         entry = jnp.where(valid, starts[:, None] + slot[None, :], 0)
-        vals = jnp.where(valid, self.data[entry].astype(jnp.float32), 0.0)
-        cols = self.indices[entry].astype(jnp.int32)
+        vals = self.data[entry].astype(jnp.float32)
+        cols = jnp.where(valid, self.indices[entry].astype(jnp.int32), self.n_genes)
         row_ids = jnp.broadcast_to(jnp.arange(rows.shape[0])[:, None], entry.shape)
         out = jnp.zeros((rows.shape[0], self.n_genes), jnp.float32)
-        return out.at[row_ids, cols].add(vals)
+        return out.at[row_ids, cols].set(vals, mode="drop", unique_indices=True, indices_are_sorted=True)
 
 
 HOST_CHUNK_ENTRIES = 1 << 24  # entries converted per step on the host (bounds every temporary)

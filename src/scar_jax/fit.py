@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from .likelihoods import cell_log_constants, has_log_constant
+
 # kl_weight_schedule and compiled_training are looked up here at call time: tests patch scar_jax.fit's names
 from .train import (
     CellData,
@@ -197,9 +199,22 @@ class FitResult(NamedTuple):
     training_time_s: float
 
 
-def _place_cells(cells: Any, chosen: list[jax.Device], rows: Split, block_cells: Any, batch_size: int, compiled):
+def _place_cells(
+    cells: Any,
+    chosen: list[jax.Device],
+    rows: Split,
+    block_cells: Any,
+    batch_size: int,
+    compiled,
+    gene_likelihood: str,
+):
     """``(train_epoch, evaluate, data, train_rows, validation_rows, placement)`` for the cells: resident on one
-    device, replicated over several, sharded over processes, or streamed in blocks (sparse or on disk)."""
+    device, replicated over several, sharded over processes, or streamed in blocks (sparse or on disk).
+
+    Resident and streamed cells carry their parameter-free log-likelihood
+    (:func:`scar_jax.likelihoods.cell_log_constants`, float64 rounded once to float32) when ``gene_likelihood`` has
+    one; cells sharded over processes evaluate it per entry.
+    """
     from . import backed, distributed  # imported when used: backed brings in anndata, not needed to train
     from .counts import to_device
 
@@ -224,6 +239,7 @@ def _place_cells(cells: Any, chosen: list[jax.Device], rows: Split, block_cells:
             cells.max_count,
             placement,
             batch_size,
+            gene_likelihood,
         )
         return train_epoch, evaluate, None, train_idx, np.empty(len(val_idx)), placement
     if multi_process:  # each process reads its own rows (also from disk) onto its own devices
@@ -231,10 +247,15 @@ def _place_cells(cells: Any, chosen: list[jax.Device], rows: Split, block_cells:
         train_rows = distributed.put(np.asarray(train_idx, np.int32), placement)
         val_rows = distributed.put(np.asarray(val_idx, np.int32), placement)
         return train_epoch, evaluate, data, train_rows, val_rows, placement
+    log_constant = None
+    if has_log_constant(gene_likelihood):
+        constants = cell_log_constants(gene_likelihood, cells.x, cells.library).astype(np.float32)
+        log_constant = jax.device_put(constants, placement)
     data = CellData(
         to_device(cells.x, placement, cells.max_count),
         jax.device_put(cells.library, placement),
         jax.device_put(cells.batch_index, placement),
+        log_constant,
     )
     train_rows = jax.device_put(jnp.asarray(train_idx, jnp.int32), placement)
     val_rows = jax.device_put(jnp.asarray(val_idx, jnp.int32), placement)
@@ -346,7 +367,7 @@ def fit_model(
     _check_streamable(cells, block_cells)
     compiled = _compile(config, batch_size, plan, trainer, options, chosen)
     train_epoch, evaluate, data, train_rows, val_rows, placement = _place_cells(
-        cells, chosen, split, block_cells, batch_size, compiled
+        cells, chosen, split, block_cells, batch_size, compiled, config.gene_likelihood
     )
     state, previous = _initial_state(variables, key, compiled[0], placement, checkpoint, split)
     on_epoch_end = _checkpoint_callback(checkpoint, max_epochs, split)

@@ -28,6 +28,18 @@ parity suite checks it), this form by < 1e-5. Its gradient is also cheaper: the 
 the parameters, so no ``lgamma`` remains in the backward pass. To compare with scvi-tools number for
 number, :func:`log_prob_torch_rounding` evaluates scvi-tools' float32 formulas operation for
 operation (parity checks only; it reproduces the reference's rounding error, it does not remove it).
+
+Parameter-free terms. Each log-probability splits as ``log p(x) = k(x; params) + c(x)``, with
+
+* ``"b"``: ``c(x) = log C(N, x)`` (``N`` the binomial total, data too);
+* ``"poisson"``: ``c(x) = -log x!``;
+* ``"nb"``, ``"zinb"``: ``c(x) = 0``: their ``-log x!`` enters with the theta-dependent
+  ``log Gamma(x + theta) - log Gamma(theta)`` as one term, ``-log x - betaln(x, theta)`` in float32, and
+  taking ``-log x!`` out of it would add a ``lgamma`` instead of removing one.
+
+``c`` carries no gradient and is 0 at ``x = 0``. The training step evaluates ``k`` alone
+(:func:`log_prob_kernel`) and adds ``sum_g c(x_ig)`` per cell, computed once in float64 from the non-zeros
+(:func:`cell_log_constants`), so the reported loss is the full one and the gradient unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+import scipy.sparse as sp
 from jax.scipy.special import betaln, gammaln
 from scipy.special import gammaln as gammaln64
 
@@ -119,7 +132,12 @@ class BinomialStable(dist.BinomialProbs):
 
     def log_prob(self, value: jax.Array) -> jax.Array:
         n = self.total_count.astype(self.probs.dtype)
-        return log_binomial_coefficient(n, value) + value * jnp.log(self.probs) + (n - value) * jnp.log1p(-self.probs)
+        return log_binomial_coefficient(n, value) + self.log_prob_kernel(value)
+
+    def log_prob_kernel(self, value: jax.Array) -> jax.Array:
+        """``x log p + (N - x) log(1 - p)``: the log-probability less ``log C(N, x)`` (module docstring)."""
+        n = self.total_count.astype(self.probs.dtype)
+        return value * jnp.log(self.probs) + (n - value) * jnp.log1p(-self.probs)
 
 
 def _lgamma_float32(x: np.ndarray) -> np.ndarray:
@@ -225,10 +243,14 @@ class PoissonZeroSafe(dist.Poisson):
     """
 
     def log_prob(self, value: jax.Array) -> jax.Array:
+        return self.log_prob_kernel(value) - gammaln(value + 1.0)
+
+    def log_prob_kernel(self, value: jax.Array) -> jax.Array:
+        """``x log(rate) - rate``: the log-probability less ``-log x!`` (module docstring)."""
         rate = jnp.asarray(self.rate, jnp.result_type(float))
         # where(x > 0, rate, 1): the log term and its gradient vanish for x = 0 (also at rate 0)
         log_rate = jnp.log(jnp.where(value > 0, jnp.maximum(rate, RATE_FLOOR), 1.0))
-        return value * log_rate - gammaln(value + 1.0) - rate
+        return value * log_rate - rate
 
 
 def make_likelihood(
@@ -268,3 +290,73 @@ def make_likelihood(
             base = NegativeBinomialEps(mean=library * probs, concentration=theta)
             return dist.ZeroInflatedLogits(base_dist=base, gate_logits=zi_logits)
     raise ValueError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}, got {gene_likelihood!r}")
+
+
+def has_log_constant(gene_likelihood: GeneLikelihood) -> bool:
+    """Whether the law's log-probability has a parameter-free part ``c(x) != 0`` (module docstring)."""
+    return gene_likelihood in ("b", "poisson")
+
+
+def log_prob_kernel(law: dist.Distribution, value: jax.Array) -> jax.Array:
+    """``law.log_prob(value) - c(value)``, without evaluating ``c`` (module docstring); ``c = 0`` for NB and ZINB.
+
+    Parameters
+    ----------
+    law
+        A distribution made by :func:`make_likelihood`.
+    value
+        Counts, shaped as the law's batch shape.
+    """
+    if isinstance(law, BinomialStable | PoissonZeroSafe):
+        return law.log_prob_kernel(value)
+    return law.log_prob(value)
+
+
+def cell_log_constants(
+    gene_likelihood: GeneLikelihood,
+    counts: np.ndarray | sp.spmatrix | sp.sparray,
+    library: np.ndarray | None = None,
+    chunk_entries: int = 1 << 20,
+) -> np.ndarray:
+    """``sum_g c(x_ig)`` for every cell, in float64 from the non-zeros (``c(0) = 0``; module docstring).
+
+    ``c(x) = lgamma(N + 1) - lgamma(x + 1) - lgamma(N - x + 1)`` for ``"b"`` (``N`` the cell's library
+    rounded to an integer, as :func:`make_likelihood` does), ``-lgamma(x + 1)`` for ``"poisson"``, 0 for
+    ``"nb"`` and ``"zinb"``. Computed in blocks of rows of at most ``chunk_entries`` entries (dense size), so the
+    temporaries (a few float64 arrays of the block's non-zeros) stay below about ``40 * chunk_entries`` bytes.
+
+    Parameters
+    ----------
+    gene_likelihood
+        ``"b"``, ``"poisson"``, ``"nb"`` or ``"zinb"``.
+    counts
+        ``(n_cells, n_genes)`` counts, dense or sparse (duplicate sparse entries are summed).
+    library
+        ``(n_cells, 1)`` or ``(n_cells,)``: the binomial total count (``"b"`` only).
+
+    Returns
+    -------
+    ``(n_cells,)`` float64.
+    """
+    if gene_likelihood not in GENE_LIKELIHOODS:
+        raise ValueError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}, got {gene_likelihood!r}")
+    n_cells, n_genes = counts.shape
+    out = np.zeros(n_cells, np.float64)
+    if not has_log_constant(gene_likelihood):
+        return out
+    if gene_likelihood == "b":
+        if library is None:
+            raise ValueError("the binomial's constant log C(N, x) needs the library N")
+        total = np.round(np.asarray(library, np.float64).reshape(n_cells))
+    step = max(1, chunk_entries // max(n_genes, 1))
+    for start in range(0, n_cells, step):
+        block = sp.csr_matrix(counts[start : start + step])
+        block.sum_duplicates()
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+        x = block.data.astype(np.float64)
+        terms = -gammaln64(x + 1.0)
+        if gene_likelihood == "b":
+            n = total[start : start + step][rows]
+            terms += gammaln64(n + 1.0) - gammaln64(n - x + 1.0)
+        out[start : start + block.shape[0]] = np.bincount(rows, weights=terms, minlength=block.shape[0])
+    return out

@@ -53,14 +53,17 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 class CellData(NamedTuple):
-    """Device-resident training data: counts plus per-cell library ``(n, 1)`` and batch index ``(n,)``."""
+    """Device-resident training data: counts plus per-cell library ``(n, 1)`` and batch index ``(n,)``, and
+    optionally each cell's parameter-free log-likelihood ``(n,)`` (:attr:`scar_jax.vae.Batch.log_constant`)."""
 
     counts: Counts
     library: jax.Array
     batch_index: jax.Array
+    log_constant: jax.Array | None = None
 
     def batch(self, rows: jax.Array) -> Batch:
-        return Batch(self.counts.take(rows), self.library[rows], self.batch_index[rows])
+        constant = None if self.log_constant is None else self.log_constant[rows]
+        return Batch(self.counts.take(rows), self.library[rows], self.batch_index[rows], constant)
 
 
 class EpochSums(NamedTuple):
@@ -209,7 +212,7 @@ def shard_minibatch(batch: Batch, mesh: jax.sharding.Mesh | None) -> Batch:
     if mesh is None or batch.x.shape[0] % mesh.size:
         return batch
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    return jax.lax.with_sharding_constraint(batch, Batch(sharding, sharding, sharding))
+    return jax.lax.with_sharding_constraint(batch, Batch(*(None if a is None else sharding for a in batch)))
 
 
 def make_train_epoch(

@@ -6,6 +6,7 @@ Find any model formula here (the likelihood formulas are in :mod:`scar_jax.likel
     phi, eps, zi = decoder(z or softmax(z))
     p = (1 - eps) * phi + eps * a_{batch}               (ambient mixture)
     reconstruction_loss_i = -sum_g log p(x_ig | p_ig, l_i, theta_g, zi_ig)
+                          = -sum_g k(x_ig; params) - sum_g c(x_ig)   (c: parameter-free, precomputable)
     kl_local_i = KL(q(z_i | x_i) || Normal(0, I))        (on the normal, before any softmax)
     loss = mean_i [reconstruction_loss_i + kl_weight * kl_local_i]
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
-from .likelihoods import GENE_LIKELIHOODS, GeneLikelihood, make_likelihood, mixture_probs
+from .likelihoods import GENE_LIKELIHOODS, GeneLikelihood, log_prob_kernel, make_likelihood, mixture_probs
 from .nets import MATMUL_PRECISIONS, LatentDistribution, MatmulPrecision, ScaleActivation, SCARNet
 
 
@@ -77,12 +78,16 @@ class Batch(NamedTuple):
     """One minibatch of cells.
 
     x: ``(n, G)`` float32 counts; library: ``(n, 1)`` observed library (or size factor for rate models);
-    batch_index: ``(n,)`` int32 index into the rows of the ambient profile matrix.
+    batch_index: ``(n,)`` int32 index into the rows of the ambient profile matrix; log_constant: ``(n,)``
+    each cell's ``sum_g c(x_ig)``, the parameter-free part of its log-likelihood
+    (:func:`scar_jax.likelihoods.cell_log_constants`), or ``None``: :func:`loss_terms` then evaluates ``c``
+    itself.
     """
 
     x: jax.Array
     library: jax.Array
     batch_index: jax.Array
+    log_constant: jax.Array | None = None
 
 
 class Outputs(NamedTuple):
@@ -183,9 +188,18 @@ def loss_terms(
         ``(n_batches, G)``: one ambient profile per batch (rows sum to 1).
     kl_weight
         Weight of the KL term in ``loss`` (the warm-up weight in training; 1 for the ELBO).
+
+    With ``batch.log_constant`` given, the log-likelihood is ``sum_g k(x_ig) + log_constant_i``
+    (:func:`scar_jax.likelihoods.log_prob_kernel`): the same value and gradient as the full
+    ``sum_g log p(x_ig)``, without evaluating the parameter-free ``c(x_ig)`` per entry.
     """
     out, batch_stats = forward(net, variables, batch.x, key, train)
-    reconstruction_loss = -likelihood(config, out, batch, ambient_profile).log_prob(batch.x).sum(-1)
+    law = likelihood(config, out, batch, ambient_profile)
+    if batch.log_constant is None:
+        log_px = law.log_prob(batch.x).sum(-1)
+    else:
+        log_px = log_prob_kernel(law, batch.x).sum(-1) + batch.log_constant
+    reconstruction_loss = -log_px
     kl = kl_local(out)
     loss = jnp.mean(reconstruction_loss + kl_weight * kl)
     return LossTerms(loss, reconstruction_loss, kl), batch_stats

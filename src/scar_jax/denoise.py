@@ -106,8 +106,9 @@ def calibrated_split(
     canonical form of ``x``). One ``numpy.random.default_rng(seed)`` stream over the stored entries in
     row order, so the result is reproducible from ``seed``; a ``Generator`` passed as ``seed`` is continued, so
     splitting consecutive row blocks with one generator gives the numbers of one call over all rows (what
-    ``write_denoised_counts`` does). Integer, ``0 <= out <= x``, zeros stay zero. ``return_sparse``: CSR output (default: when ``x`` is sparse). This is what
-    :meth:`scar_jax.SCAR.get_denoised_counts` returns for ``method="calibrated"`` with the same seed.
+    ``write_denoised_counts`` does). Integer, ``0 <= out <= x``, zeros stay zero. ``return_sparse``: CSR output
+    (default: when ``x`` is sparse). This is what :meth:`scar_jax.SCAR.get_denoised_counts` returns for
+    ``method="calibrated"`` with the same seed.
     """
     rng = np.random.default_rng(seed)
     if sp.issparse(x):

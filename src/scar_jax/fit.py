@@ -216,7 +216,6 @@ def _place_cells(
     one; cells sharded over processes evaluate it per entry.
     """
     from . import backed, distributed  # imported when used: backed brings in anndata, not needed to train
-    from .counts import to_device
 
     _, train_epoch, evaluate = compiled
     train_idx, val_idx, _ = rows
@@ -247,19 +246,25 @@ def _place_cells(
         train_rows = distributed.put(np.asarray(train_idx, np.int32), placement)
         val_rows = distributed.put(np.asarray(val_idx, np.int32), placement)
         return train_epoch, evaluate, data, train_rows, val_rows, placement
+    data = _resident_cells(cells, placement, gene_likelihood)
+    train_rows = jax.device_put(jnp.asarray(train_idx, jnp.int32), placement)
+    val_rows = jax.device_put(jnp.asarray(val_idx, jnp.int32), placement)
+    return train_epoch, evaluate, data, train_rows, val_rows, placement
+
+
+def _resident_cells(cells: Any, placement: Any, gene_likelihood: str) -> CellData:
+    """The cells on the device (or replicated): counts, library, batch index and, when ``gene_likelihood`` has
+    one, each cell's parameter-free log-likelihood (float64, rounded once to float32)."""
+    from .counts import to_device
+
     log_constant = None
     if has_log_constant(gene_likelihood):
         constants = cell_log_constants(gene_likelihood, cells.x, cells.library).astype(np.float32)
         log_constant = jax.device_put(constants, placement)
-    data = CellData(
-        to_device(cells.x, placement, cells.max_count),
-        jax.device_put(cells.library, placement),
-        jax.device_put(cells.batch_index, placement),
-        log_constant,
+    x = to_device(cells.x, placement, cells.max_count)
+    return CellData(
+        x, jax.device_put(cells.library, placement), jax.device_put(cells.batch_index, placement), log_constant
     )
-    train_rows = jax.device_put(jnp.asarray(train_idx, jnp.int32), placement)
-    val_rows = jax.device_put(jnp.asarray(val_idx, jnp.int32), placement)
-    return train_epoch, evaluate, data, train_rows, val_rows, placement
 
 
 def _check_streamable(cells: Any, block_cells: Any) -> None:

@@ -171,6 +171,12 @@ def calibrate(
     )
     del neighbours
     release_freed_memory()  # the rounds' temporaries, before the caller's split
+    _warn_if_implausible(eps)
+    return eps, share
+
+
+def _warn_if_implausible(eps: np.ndarray) -> None:
+    """A ``UserWarning`` when the mean calibrated noise ratio is above ``IMPLAUSIBLE_NOISE_RATIO``."""
     if float(np.mean(eps)) > IMPLAUSIBLE_NOISE_RATIO:
         warnings.warn(
             f"the calibrated mean noise ratio is {np.mean(eps):.2f}: most counts are called ambient. This "
@@ -178,9 +184,8 @@ def calibrate(
             f"the ambient profile itself), e.g. after too few epochs: train longer (the default max_epochs), "
             f"check the ambient profile, or use method='split'",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return eps, share
 
 
 def _preflight(counts, n_neighbours, neighbour_candidates, block_entries, chunk_entries, ambient, share_at) -> None:

@@ -18,12 +18,13 @@ def resident_mb() -> float:
     return float("nan")
 
 
-class PeakRSS:
-    """Context manager sampling VmRSS every 5 ms in a thread; ``start`` and ``peak`` (MB) after exit."""
+class _Sampler:
+    """Context manager calling :meth:`_sample` with VmRSS every 5 ms in a thread while the block runs."""
 
-    def __enter__(self) -> PeakRSS:
-        self.start = resident_mb()
-        self.samples = [self.start]
+    def _sample(self, value: float) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -31,17 +32,32 @@ class PeakRSS:
 
     def _watch(self) -> None:
         while not self._done.is_set():
-            self.samples.append(resident_mb())
+            self._sample(resident_mb())
             time.sleep(0.005)
 
     def __exit__(self, *exc) -> None:
         self._done.set()
         self._thread.join()
-        self.samples.append(resident_mb())
+        self._sample(resident_mb())
+
+
+class PeakRSS(_Sampler):
+    """VmRSS sampled every 5 ms in a thread; ``start`` and ``peak`` (MB) after exit."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = resident_mb()
+        self.samples = [self.start]
+        return super().__enter__()
+
+    def _sample(self, value: float) -> None:
+        self.samples.append(value)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
         self.peak = max(self.samples)
 
 
-class PhasePeaks:
+class PhasePeaks(_Sampler):
     """VmRSS sampled every 5 ms in a thread and credited to the phase running: :meth:`wrap` makes a function
     set its phase while it runs (nested calls: the innermost); ``peaks`` maps each phase to its peak (MB)."""
 
@@ -65,17 +81,5 @@ class PhasePeaks:
     def _record(self, name: str, value: float) -> None:
         self.peaks[name] = max(self.peaks.get(name, value), value)
 
-    def __enter__(self) -> PhasePeaks:
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._done.is_set():
-            self._record(self.current, resident_mb())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
+    def _sample(self, value: float) -> None:
+        self._record(self.current, value)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scar_jax import SCAR, predict
+from scar_jax import SCAR, backed, predict
 from scar_jax.backed import BackedCounts, plan_blocks, prefetch, read_backed
 from scar_jax.datasets import simulate
 
@@ -167,9 +167,16 @@ def test_streamed_training_with_one_block_equals_in_memory(files, in_memory_mode
     assert digest(h5ad) == before  # the user's file is not modified
 
 
-def test_streamed_blocks_equal_for_disk_and_memory_and_train(files, in_memory_model):
+def test_streamed_blocks_equal_for_disk_and_memory_and_train(files, in_memory_model, monkeypatch):
     adata, h5ad, _ = files
+    rows_read = []  # the rows of every block whose parameter-free log-likelihood is computed
+    compute = backed.cell_log_constants
+    monkeypatch.setattr(
+        backed, "cell_log_constants", lambda law, x, *a: rows_read.append(x.shape[0]) or compute(law, x, *a)
+    )
     from_disk = trained(read_backed(h5ad), block_cells=64)
+    # once per block, not every epoch: the training and the validation spans cover the file at most once each
+    assert 0 < sum(rows_read) <= 2 * adata.n_obs, rows_read
     from_memory = trained(adata.copy(), block_cells=64)
     assert max_difference(from_disk, from_memory) == 0.0  # the block plan and order depend on the rows only
     assert max_difference(from_disk, in_memory_model) > 0.0  # minibatches within blocks differ from one pool
